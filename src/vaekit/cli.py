@@ -1,0 +1,197 @@
+"""The `vaekit` command: argument parsing and printing only; every command calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import VaekitError
+
+EPILOG = "Run 'vaekit COMMAND --help' for a command's options. Docs and examples: README.md."
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _build() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    p = _Parser(prog="vaekit", description="Train, inspect and use variational auto-encoders.", epilog=EPILOG)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train a VAE and save it as a run directory",
+        description="Train a VAE. Settings come from a preset, then --config, then the flags.",
+        epilog="example: vaekit train --preset seed --data-dir ~/data --epochs 5",
+    )
+    t.add_argument("--preset", help=f"starting configuration: {', '.join(PRESETS)} (default: digits)")
+    t.add_argument("--config", metavar="FILE", help="a TOML file with [data], [model], [train] tables")
+    t.add_argument(
+        "--data", help="digits, mnist, fashion-mnist, kmnist, binarized-mnist, a .npy/.npz file or an image folder"
+    )
+    t.add_argument(
+        "--data-dir",
+        dest="root",
+        metavar="DIR",
+        help="where downloadable data sets live (default: $VAEKIT_DATA or ~/.cache/vaekit)",
+    )
+    t.add_argument(
+        "--no-download", dest="download", action="store_const", const=False, help="never fetch data from the web"
+    )
+    t.add_argument("--binarize", action="store_const", const=True, help="dynamic binarisation of training images")
+    t.add_argument("--image-size", type=int, metavar="N", help="resize folder images to N x N")
+    t.add_argument("--epochs", type=int, metavar="N")
+    t.add_argument("--batch-size", type=int, metavar="N")
+    t.add_argument("--lr", type=float, help="Adam learning rate")
+    t.add_argument("--latent", type=int, metavar="N", help="latent dimensions")
+    t.add_argument("--hidden", type=_int_list, metavar="N,N", help="hidden layer widths, e.g. 512,256")
+    t.add_argument("--activation", help="relu, tanh, elu, gelu, silu, leaky_relu or softplus")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting, e.g. --set data.test_fraction=0.1 (repeatable)",
+    )
+    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIMESTAMP)")
+    t.add_argument("--no-plots", action="store_true", help="skip drawing plots at the end")
+    t.add_argument("-q", "--quiet", action="store_true", help="print only the run directory")
+
+    def run_command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example: {example}")
+        c.add_argument("run", metavar="RUN", help="a run directory made by 'vaekit train'")
+        return c
+
+    s = run_command(
+        "sample",
+        "draw images from the prior of a trained model",
+        "vaekit sample runs/digits-20260101-120000 -n 64 -o samples.png",
+    )
+    s.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
+    s.add_argument("-o", "--out", metavar="PNG", help="image grid to write (default: RUN/samples.png)")
+    s.add_argument("--npy", metavar="FILE", help="also write the images as a .npy array")
+    s.add_argument("--seed", type=int, default=0)
+
+    r = run_command(
+        "reconstruct",
+        "show examples next to their reconstructions",
+        "vaekit reconstruct runs/digits-20260101-120000 -n 32 -o recon.png",
+    )
+    r.add_argument("-n", type=int, default=32, help="number of examples (default: 32)")
+    r.add_argument("--split", default="test", help="data split (default: test)")
+    r.add_argument("-o", "--out", metavar="PNG", help="figure to write (default: RUN/reconstructions.png)")
+
+    e = run_command(
+        "encode",
+        "write posterior means and log-variances of a data split",
+        "vaekit encode runs/digits-20260101-120000 -o latents.npy",
+    )
+    e.add_argument("--split", default="test", help="data split (default: test)")
+    e.add_argument(
+        "-o",
+        "--out",
+        metavar="FILE",
+        help=".npy of shape (N, 2, latent) [means, log-variances], or .npz with mean/logvar/label "
+        "(default: RUN/latents.npy)",
+    )
+
+    d = run_command(
+        "decode",
+        "decode latent codes into images",
+        "vaekit decode runs/digits-20260101-120000 latents.npy -o decoded.png",
+    )
+    d.add_argument("latents", metavar="LATENTS", help=".npy of shape (N, latent), or the output of 'encode'")
+    d.add_argument("-o", "--out", metavar="PNG", help="image grid to write (default: RUN/decoded.png)")
+    d.add_argument("--npy", metavar="FILE", help="also write the decoded images as a .npy array")
+
+    run_command("plot", "draw all plots of a run into RUN/plots", "vaekit plot runs/digits-20260101-120000")
+    return p
+
+
+def _train(a: argparse.Namespace) -> None:
+    from .config import parse_assignment
+    from .train import train
+
+    flags = {
+        "data.name": a.data,
+        "data.root": a.root,
+        "data.download": a.download,
+        "data.binarize": a.binarize,
+        "data.image_size": a.image_size,
+        "train.epochs": a.epochs,
+        "train.batch_size": a.batch_size,
+        "train.lr": a.lr,
+        "model.latent": a.latent,
+        "model.hidden": a.hidden,
+        "model.activation": a.activation,
+        "train.seed": a.seed,
+        "train.device": a.device,
+    }
+    overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if a.root is not None:
+        overrides["data.root"] = str(Path(a.root).expanduser().resolve())
+    from .config import make_config
+
+    cfg = make_config(a.preset, a.config, overrides)
+    run = train(cfg, a.out, plots=not a.no_plots, verbose=not a.quiet)
+    print(run.dir)
+
+
+def _default(a: argparse.Namespace, name: str) -> Path:
+    return Path(a.out) if a.out else Path(a.run) / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vaekit` command."""
+    args = _build().parse_args(argv)
+    try:
+        from . import uses
+
+        if args.command == "train":
+            _train(args)
+        elif args.command == "sample":
+            path = _default(args, "samples.png")
+            uses.sample(args.run, args.n, seed=args.seed, out=path, npy=args.npy)
+            print(f"wrote {path}" + (f" and {args.npy}" if args.npy else ""))
+        elif args.command == "reconstruct":
+            path = _default(args, "reconstructions.png")
+            uses.reconstruct(args.run, args.n, split=args.split, out=path)
+            print(f"wrote {path}")
+        elif args.command == "encode":
+            path = _default(args, "latents.npy")
+            mean, _, _ = uses.encode(args.run, split=args.split, out=path)
+            print(f"wrote {path} ({len(mean)} examples, {mean.shape[1]} latent dimensions)")
+        elif args.command == "decode":
+            path = _default(args, "decoded.png")
+            images = uses.decode(args.run, args.latents, out=path, npy=args.npy)
+            print(f"wrote {path} ({len(images)} images)" + (f" and {args.npy}" if args.npy else ""))
+        elif args.command == "plot":
+            for path in uses.plot(args.run):
+                print(path)
+    except VaekitError as e:
+        if args.debug:
+            raise
+        print(f"vaekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaekit: interrupted", file=sys.stderr)
+        return 130
+    return 0

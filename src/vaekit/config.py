@@ -1,0 +1,212 @@
+"""Configuration as plain data: dataclasses, presets, TOML in and out, overrides and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import VaekitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is prepared."""
+
+    name: str = "digits"  # a built-in source, or a path to a .npy/.npz file or an image folder
+    root: str = ""  # where downloadable sources live; "" means the user cache directory
+    download: bool = True  # fetch missing files of downloadable sources from the web
+    binarize: bool = False  # dynamic binarisation: a fresh Bernoulli sample of each training image every epoch
+    image_size: int = 28  # image folders are resized to this height and width
+    channels: int = 0  # image folders: 1 (grey) or 3 (RGB); 0 picks 3 if any image has colour
+    test_fraction: float = 0.2  # held-out fraction for sources that come without a test split
+
+
+@dataclass
+class ModelConfig:
+    """The VAE's networks and likelihood; the input shape comes from the data."""
+
+    hidden: list[int] = field(default_factory=lambda: [256])
+    latent: int = 2
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: Adam on the summed negative ELBO of each batch."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 1
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class Config:
+    """A complete, resolved training configuration."""
+
+    preset: str = "digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as nested plain dictionaries."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The configuration as TOML text."""
+        return tomli_w.dumps(self.to_dict())
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The quick-start job: the seed VAE on scikit-learn's bundled 8x8 digits, which needs no download.
+    "digits": {
+        "data": {"name": "digits"},
+        "model": {"hidden": [256], "latent": 2},
+        "train": {"epochs": 150, "batch_size": 64, "lr": 1e-3},
+    },
+    # The classic tutorial VAE exactly: MNIST, 784-256-2 ReLU MLP, Bernoulli decoder, Adam 1e-3, batch 64, 10 epochs.
+    "seed": {
+        "data": {"name": "mnist"},
+        "model": {"hidden": [256], "latent": 2, "activation": "relu", "likelihood": "bernoulli"},
+        "train": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "seed": 1},
+    },
+}
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check one value against the type of its default, converting ints to floats where a float is wanted."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise VaekitError(f"config key '{key}' must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _merge(cfg: Config, updates: dict[str, Any]) -> None:
+    """Apply nested {section: {key: value}} updates to cfg in place, rejecting unknown keys."""
+    for section, values in updates.items():
+        if section == "preset":
+            cfg.preset = _coerce("preset", values, "")
+            continue
+        if section not in _SECTIONS:
+            raise VaekitError(f"unknown config section '{section}' (allowed: {', '.join(['preset', *_SECTIONS])})")
+        if not isinstance(values, dict):
+            raise VaekitError(f"config section '{section}' must be a table of keys")
+        target = getattr(cfg, section)
+        allowed = [f.name for f in dataclasses.fields(target)]
+        for key, value in values.items():
+            if key not in allowed:
+                raise VaekitError(f"unknown config key '{section}.{key}' (allowed: {', '.join(allowed)})")
+            setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
+
+
+def preset(name: str) -> Config:
+    """The configuration of a named preset."""
+    if name not in PRESETS:
+        raise VaekitError(f"unknown preset '{name}' (available: {', '.join(PRESETS)})")
+    cfg = Config(preset=name)
+    _merge(cfg, PRESETS[name])
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file into nested dictionaries, with user-facing errors."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VaekitError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise VaekitError(f"cannot read config file {path}: {e}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Split 'section.key=value' into a dotted key and a TOML-typed value (bare words are strings)."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise VaekitError(f"override '{text}' must look like section.key=value, e.g. train.epochs=5")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _dotted(key: str) -> str:
+    """The full 'section.key' name of a key given either in full or by its unique short name ('data' is data.name)."""
+    if "." in key:
+        return key
+    if key == "data":
+        return "data.name"
+    owners = [s for s, cls in _SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) != 1:
+        raise VaekitError(f"unknown config key '{key}' (use section.key, with sections {', '.join(_SECTIONS)})")
+    return f"{owners[0]}.{key}"
+
+
+def make_config(
+    preset_name: str | None = None,
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a configuration: preset (or the file's own preset), then the file, then overrides.
+
+    Overrides map 'section.key' or a unique short key ('epochs', 'latent', 'data') to a value.
+    """
+    from_file = read_toml(file) if file is not None else {}
+    name = preset_name or from_file.get("preset") or "digits"
+    cfg = preset(_coerce("preset", name, ""))
+    _merge(cfg, from_file)
+    cfg.preset = name
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in (overrides or {}).items():
+        section, _, name = _dotted(key).partition(".")
+        nested.setdefault(section, {})[name] = value
+    _merge(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot work, naming the key and what is allowed."""
+    checks = [
+        ("train.epochs", cfg.train.epochs >= 1, "an integer >= 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "an integer >= 1"),
+        ("train.eval_batch_size", cfg.train.eval_batch_size >= 1, "an integer >= 1"),
+        ("train.lr", cfg.train.lr > 0, "a number > 0"),
+        ("model.latent", cfg.model.latent >= 1, "an integer >= 1"),
+        ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
+        ("data.image_size", cfg.data.image_size >= 1, "an integer >= 1"),
+        ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),
+        ("data.test_fraction", 0 < cfg.data.test_fraction < 1, "a number between 0 and 1"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise VaekitError(f"invalid value {value!r} for '{key}': must be {allowed}")

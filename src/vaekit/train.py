@@ -1,0 +1,141 @@
+"""The training loop: the data set as one tensor on the device, batches by indexing, a checkpoint every epoch."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import likelihoods, nets
+from .config import Config, make_config
+from .data import Dataset, load_data
+from .errors import VaekitError
+from .evaluate import mean_loss
+from .model import VAE
+from .rundir import CONFIG, DESCRIPTION, METRICS, save_model, write_text
+
+
+@dataclass
+class Run:
+    """The result of training: where it was saved, how it was configured, the model and its per-epoch metrics."""
+
+    dir: Path
+    config: Config
+    model: VAE
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    """A configuration as dotted keys."""
+    return {f"{s}.{k}": v for s, table in cfg.to_dict().items() if isinstance(table, dict) for k, v in table.items()}
+
+
+def pick_device(name: str) -> torch.device:
+    """The training device: 'auto' takes cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VaekitError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VaekitError("device 'cuda' requested but no CUDA GPU is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise VaekitError("device 'mps' requested but MPS is not available")
+    return device
+
+
+def _run_dir(out: str | Path | None, cfg: Config) -> Path:
+    """A fresh directory for this run; an existing run is never overwritten."""
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{cfg.preset}-{stamp}"
+        n = 1
+        while out.exists():
+            n += 1
+            out = Path("runs") / f"{cfg.preset}-{stamp}-{n}"
+    out = Path(out)
+    if (out / DESCRIPTION).exists() or (out / CONFIG).exists():
+        raise VaekitError(f"{out} already holds a run; pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(
+    config: Config | str = "digits",
+    out: str | Path | None = None,
+    *,
+    dataset: Dataset | None = None,
+    plots: bool = True,
+    verbose: bool = True,
+    **overrides: Any,
+) -> Run:
+    """Train a VAE from a preset name or a Config, with overrides such as epochs=5, and save it as a run directory."""
+    if isinstance(config, str):
+        cfg = make_config(config, overrides=overrides)
+    else:
+        cfg = make_config(config.preset, overrides={**_flat(config), **overrides})
+    nets.activation(cfg.model.activation)
+    likelihoods.get(cfg.model.likelihood)
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = dataset if dataset is not None else load_data(cfg.data)
+    run_dir = _run_dir(out, cfg)
+    write_text(run_dir / CONFIG, cfg.to_toml())
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"run directory: {run_dir}")
+
+    x_train = data.split("train").x.to(device)
+    x_test = data.split("test").x.to(device)
+    model = VAE(data.shape, cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    shuffle = torch.Generator(device).manual_seed(cfg.train.seed)
+    n, bs = len(x_train), cfg.train.batch_size
+    steps = (n + bs - 1) // bs
+    metrics: list[dict[str, Any]] = []
+
+    for epoch in range(1, cfg.train.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, device=device, generator=shuffle)
+        total = torch.zeros((), device=device)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, disable=not verbose or None)
+        for step in bar:
+            x = x_train[order[step * bs : (step + 1) * bs]]
+            if cfg.data.binarize:
+                x = torch.bernoulli(x)
+            loss = model.loss(x).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
+        bar.close()
+        model.eval()
+        train_loss = total.item() / n
+        test_loss = mean_loss(model, x_test, cfg.train.eval_batch_size)
+        seconds = time.perf_counter() - start
+        metrics.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "seconds": seconds})
+        save_model(model, run_dir)
+        write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+        say(f"epoch {epoch:3d}  train loss {train_loss:9.4f}  test loss {test_loss:9.4f}  ({seconds:.2f} s)")
+
+    run = Run(run_dir, cfg, model, metrics)
+    if plots:
+        from .uses import plot
+
+        run.plots = plot(run_dir, model=model, data=data)
+        say(f"plots: {run_dir / 'plots'}")
+    return run

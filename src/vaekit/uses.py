@@ -1,0 +1,194 @@
+"""What a trained run is for: samples, reconstructions, latent codes, decodings, interpolations and plots."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from . import plots as figures
+from .config import Config
+from .data import Dataset, load_data
+from .errors import VaekitError
+from .evaluate import encode_all
+from .model import VAE
+from .rundir import PLOTS, atomic_path, load, load_config, read_metrics, write_bytes
+
+
+def _is_image(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
+    if not _is_image(tuple(images.shape[1:])):
+        raise VaekitError("this model's data are not images; write them with --npy instead")
+    with atomic_path(path) as tmp:
+        save_image(images.detach().cpu(), tmp, nrow=nrow, padding=2, format="png")
+    return Path(path)
+
+
+def save_array(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
+    """Write an array as a .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array))
+    write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _split(cfg: Config, split: str, data: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    s = (data if data is not None else load_data(cfg.data)).split(split)
+    return s.x, s.y
+
+
+@torch.no_grad()
+def sample(
+    run: str | Path, n: int = 64, *, seed: int = 0, out: str | Path | None = None, npy: str | Path | None = None
+) -> torch.Tensor:
+    """Decoded draws from the prior of a trained run, optionally written as a PNG grid and/or .npy."""
+    if n < 1:
+        raise VaekitError(f"the number of samples must be at least 1, got {n}")
+    model = load(run)
+    images = model.sample(n, torch.Generator().manual_seed(seed))
+    if out is not None:
+        save_grid(images, out)
+    if npy is not None:
+        save_array(images, npy)
+    return images
+
+
+@torch.no_grad()
+def reconstruct(
+    run: str | Path, n: int = 32, *, split: str = "test", out: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n examples of a split and their reconstructions from the posterior means."""
+    model, cfg = load(run), load_config(run)
+    x = _split(cfg, split)[0][:n]
+    recon = model.decode(model.encode(x)[0])
+    if out is not None:
+        figures.image_panels([("originals", x), ("reconstructions", recon)], out, nrow=8)
+    return x, recon
+
+
+@torch.no_grad()
+def encode(
+    run: str | Path, *, split: str = "test", out: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Posterior means, log-variances and labels for a whole split; out receives an (N, 2, latent) .npy array."""
+    model, cfg = load(run), load_config(run)
+    x, y = _split(cfg, split)
+    mean, logvar = encode_all(model, x, cfg.train.eval_batch_size)
+    if out is not None:
+        if str(out).endswith(".npz"):
+            arrays = {"mean": mean.numpy(), "logvar": logvar.numpy()}
+            if y is not None:
+                arrays["label"] = y.numpy()
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            write_bytes(out, buffer.getvalue())
+        else:
+            save_array(torch.stack([mean, logvar], dim=1), out)
+    return mean, logvar, y
+
+
+def read_latents(path: str | Path, latent: int) -> torch.Tensor:
+    """Latent codes from a .npy file: (N, latent) codes, or encode's (N, 2, latent) output whose means are used."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise VaekitError(f"latents file not found: {path}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise VaekitError(f"cannot read {path} as a .npy array: {str(e).splitlines()[0]}") from None
+    if not isinstance(z, np.ndarray) or not np.issubdtype(z.dtype, np.number):
+        raise VaekitError(f"{path} must hold one numeric array")
+    if z.ndim == 3 and z.shape[1:] == (2, latent):
+        z = z[:, 0]
+    if z.ndim != 2 or z.shape[1] != latent or len(z) == 0:
+        raise VaekitError(f"{path} has shape {z.shape}; this model needs (N, {latent}) or (N, 2, {latent})")
+    if not np.isfinite(z).all():
+        raise VaekitError(f"{path} contains NaN or infinite values")
+    return torch.from_numpy(z.astype(np.float32))
+
+
+@torch.no_grad()
+def decode(
+    run: str | Path,
+    latents: str | Path | torch.Tensor,
+    *,
+    out: str | Path | None = None,
+    npy: str | Path | None = None,
+) -> torch.Tensor:
+    """Decode latent codes (a tensor or a .npy file) of a trained run, optionally writing a PNG grid and/or .npy."""
+    model = load(run)
+    z = latents if isinstance(latents, torch.Tensor) else read_latents(latents, model.latent)
+    images = model.decode(z)
+    if out is not None:
+        save_grid(images, out)
+    if npy is not None:
+        save_array(images, npy)
+    return images
+
+
+@torch.no_grad()
+def interpolate(model: VAE, a: torch.Tensor, b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """Decodings along the straight line between the posterior means of a and b: (len(a), steps, *shape)."""
+    za, zb = model.encode(a)[0], model.encode(b)[0]
+    t = torch.linspace(0, 1, steps, device=za.device).view(1, -1, 1)
+    z = za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t
+    return model.decode(z.flatten(0, 1)).view(len(a), steps, *model.shape)
+
+
+@torch.no_grad()
+def manifold(model: VAE, size: int = 20) -> torch.Tensor:
+    """Decodings of a regular grid over latent dimensions 0 and 1 through the inverse normal CDF (others at 0)."""
+    q = torch.special.ndtri(torch.linspace(0.05, 0.95, size))
+    z = torch.zeros(size * size, model.latent)
+    z[:, 0] = q.repeat(size)
+    z[:, 1] = q.flip(0).repeat_interleave(size)
+    return model.decode(z.to(model.device))
+
+
+@torch.no_grad()
+def plot(run: str | Path, *, model: VAE | None = None, data: Dataset | None = None) -> list[Path]:
+    """Draw every plot of a run into RUN/plots and return their paths."""
+    run = Path(run)
+    cfg = load_config(run)
+    model = (model if model is not None else load(run)).cpu().eval()
+    x, y = _split(cfg, "test", data)
+    out = run / PLOTS
+    made = []
+    metrics = read_metrics(run)
+    if metrics:
+        made.append(figures.loss_curves(metrics, out / "loss.png"))
+    mean, _ = encode_all(model, x)
+    if model.latent == 1:
+        z2, title = torch.cat([mean, torch.zeros_like(mean)], 1).numpy(), "test set in latent space (1-D)"
+    elif model.latent == 2:
+        z2, title = mean.numpy(), "test set in latent space"
+    else:
+        from sklearn.decomposition import PCA
+
+        z2, title = PCA(2).fit_transform(mean.numpy()), f"test set in latent space (PCA of {model.latent} dims)"
+    labels = None if y is None else y.numpy()
+    made.append(figures.latent_scatter(z2, labels, out / "latent.png", title))
+    if _is_image(model.shape):
+        g = torch.Generator().manual_seed(0)
+        made.append(figures.image_panels([("samples from the prior", model.sample(64, g))], out / "samples.png", 8))
+        grid_title = "latent manifold" + (" (dims 0 and 1, others 0)" if model.latent > 2 else "")
+        if model.latent >= 2:
+            made.append(figures.image_panels([(grid_title, manifold(model))], out / "manifold.png", 20))
+        n = min(32, len(x))
+        recon = model.decode(model.encode(x[:n])[0])
+        made.append(
+            figures.image_panels([("originals", x[:n]), ("reconstructions", recon)], out / "reconstructions.png", 8)
+        )
+        pairs = min(8, len(x) // 2)
+        if pairs:
+            path = interpolate(model, x[:pairs], x[pairs : 2 * pairs], 10).flatten(0, 1)
+            made.append(
+                figures.image_panels([("interpolations between test pairs", path)], out / "interpolations.png", 10)
+            )
+    return made
