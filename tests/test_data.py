@@ -1,0 +1,393 @@
+"""Tests of vaekit.load_data on every kind of source, built from files written here with known contents."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vaekit
+from vaekit import DataConfig, VaekitError, load_data
+
+N_DIGITS = 1797  # the size of scikit-learn's bundled digits data set
+
+
+# ---------------------------------------------------------------- torchvision IDX files
+
+
+def _write_idx_images(path: Path, images: np.ndarray) -> None:
+    n, h, w = images.shape
+    path.write_bytes(struct.pack(">iiii", 0x00000803, n, h, w) + images.astype(np.uint8).tobytes())
+
+
+def _write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">ii", 0x00000801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def _write_mnist_like(root: Path, folder: str, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write torchvision's four uncompressed IDX files under root/folder/raw and return what was written."""
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    written = {}
+    for split, prefix, n in (("train", "train", 20), ("test", "t10k", 7)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        _write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        written[split] = (images, labels)
+    return written
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")], ids=["mnist", "fashion-mnist"]
+)
+def test_torchvision_idx_files_load_with_their_pixels_and_labels(tmp_path, name, folder):
+    """IDX files in torchvision's folder layout load as (N, 1, 28, 28) floats equal to bytes / 255, with labels."""
+    written = _write_mnist_like(tmp_path, folder, seed=len(folder))
+    data = load_data(DataConfig(name=name, root=str(tmp_path), download=False))
+    assert set(data.splits) == {"train", "test"}
+    assert data.shape == (1, 28, 28)
+    for split, n in (("train", 20), ("test", 7)):
+        images, labels = written[split]
+        s = data.split(split)
+        assert s.x.shape == (n, 1, 28, 28)
+        assert s.x.dtype == torch.float32
+        np.testing.assert_allclose(s.x.numpy()[:, 0], images.astype(np.float64) / 255, rtol=0, atol=1e-7)
+        assert s.y is not None
+        assert s.y.tolist() == labels.tolist()
+
+
+def test_fashion_mnist_does_not_read_the_mnist_folder(tmp_path):
+    """fashion-mnist looks in FashionMNIST/raw only, so files in MNIST/raw do not satisfy it."""
+    _write_mnist_like(tmp_path, "MNIST", seed=1)
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name="fashion-mnist", root=str(tmp_path), download=False))
+    assert str(tmp_path / "FashionMNIST" / "raw") in str(err.value)
+
+
+def test_mnist_in_empty_root_without_download_names_the_raw_folder(tmp_path):
+    """An empty root with download off raises a VaekitError that names the raw folder to fill."""
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
+    assert str(tmp_path / "MNIST" / "raw") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- binarized MNIST .amat files
+
+
+def _amat_text(bits: np.ndarray) -> str:
+    return "".join(" ".join(str(int(v)) for v in row) + "\n" for row in bits.reshape(len(bits), -1))
+
+
+def test_binarized_mnist_reads_plain_and_gzipped_amat_files(tmp_path):
+    """Plain and gzipped .amat files load as (N, 1, 28, 28) splits holding exactly the 0/1 values written."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    written = {}
+    for split, n in (("train", 5), ("valid", 3), ("test", 4)):
+        bits = rng.integers(0, 2, size=(n, 784))
+        written[split] = bits
+        text = _amat_text(bits).encode()
+        if split == "test":
+            (folder / f"binarized_mnist_{split}.amat.gz").write_bytes(gzip.compress(text))
+        else:
+            (folder / f"binarized_mnist_{split}.amat").write_bytes(text)
+    data = load_data(DataConfig(name="binarized-mnist", root=str(tmp_path), download=False))
+    assert set(data.splits) == {"train", "valid", "test"}
+    for split, bits in written.items():
+        x = data.split(split).x
+        assert x.shape == (len(bits), 1, 28, 28)
+        np.testing.assert_array_equal(x.numpy().reshape(len(bits), 784), bits.astype(np.float32))
+
+
+def test_binarized_mnist_rejects_a_line_of_783_values(tmp_path):
+    """An .amat file with a line one value short raises VaekitError naming that file."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"binarized_mnist_{split}.amat").write_text(_amat_text(rng.integers(0, 2, size=(3, 784))))
+    bad = folder / "binarized_mnist_valid.amat"
+    lines = bad.read_text().splitlines()
+    lines[1] = " ".join(lines[1].split()[:783])
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name="binarized-mnist", root=str(tmp_path), download=False))
+    assert str(bad) in str(err.value)
+
+
+def test_binarized_mnist_missing_files_without_download(tmp_path):
+    """Missing .amat files with download off raise VaekitError naming the folder to fill."""
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name="binarized-mnist", root=str(tmp_path), download=False))
+    assert str(tmp_path / "binarized_mnist") in str(err.value)
+
+
+# ---------------------------------------------------------------- .npy and .npz arrays
+
+
+def _combined(data: vaekit.Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tr, te = data.split("train"), data.split("test")
+    y = None if tr.y is None else torch.cat([tr.y, te.y])
+    return torch.cat([tr.x, te.x]), y
+
+
+def test_npy_uint8_images_gain_a_channel_are_scaled_and_split(tmp_path):
+    """An (N, H, W) uint8 .npy loads as (N, 1, H, W) / 255, each example once, test_fraction of them held out."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, size=(50, 6, 5), dtype=np.uint8)
+    a[:, 0, 0] = np.arange(50)  # pixel (0, 0) tells the examples apart
+    path = tmp_path / "images.npy"
+    np.save(path, a)
+    data = load_data(DataConfig(name=str(path), test_fraction=0.2))
+    assert data.shape == (1, 6, 5)
+    assert len(data.split("test").x) == 10
+    assert len(data.split("train").x) == 40
+    x, y = _combined(data)
+    assert y is None
+    assert x.shape == (50, 1, 6, 5)
+    index = np.rint(x[:, 0, 0, 0].numpy() * 255).astype(int)
+    assert sorted(index.tolist()) == list(range(50))
+    np.testing.assert_allclose(x.numpy()[:, 0], a[index].astype(np.float64) / 255, rtol=0, atol=1e-7)
+
+
+def test_npy_split_follows_test_fraction(tmp_path):
+    """A larger test_fraction holds out more examples of the same .npy file."""
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((40, 4, 4), dtype=np.uint8))
+    assert len(load_data(DataConfig(name=str(path), test_fraction=0.5)).split("test").x) == 20
+    assert len(load_data(DataConfig(name=str(path), test_fraction=0.25)).split("test").x) == 10
+
+
+def test_npz_with_given_splits_keeps_them_and_their_labels(tmp_path):
+    """An .npz with x_train/x_test/y_train/y_test keeps exactly that split, in order, with its labels."""
+    rng = np.random.default_rng(6)
+    arrays = {
+        "x_train": rng.integers(0, 256, size=(9, 7, 7), dtype=np.uint8),
+        "x_test": rng.integers(0, 256, size=(4, 7, 7), dtype=np.uint8),
+        "y_train": rng.integers(0, 3, size=9),
+        "y_test": rng.integers(0, 3, size=4),
+    }
+    path = tmp_path / "split.npz"
+    np.savez(path, **arrays)
+    data = load_data(DataConfig(name=str(path)))
+    for split in ("train", "test"):
+        s = data.split(split)
+        assert s.x.shape == (len(arrays[f"x_{split}"]), 1, 7, 7)
+        np.testing.assert_allclose(s.x.numpy()[:, 0], arrays[f"x_{split}"] / 255, rtol=0, atol=1e-7)
+        assert s.y.tolist() == arrays[f"y_{split}"].tolist()
+
+
+def test_npy_tabular_floats_stay_flat(tmp_path):
+    """An (N, D) float .npy in [0, 1] loads as (N, D) with the same values, split between train and test."""
+    rng = np.random.default_rng(7)
+    a = rng.random((30, 5))
+    a[:, 0] = np.arange(30) / 29  # column 0 tells the rows apart
+    path = tmp_path / "table.npy"
+    np.save(path, a)
+    data = load_data(DataConfig(name=str(path)))
+    assert data.shape == (5,)
+    x, _ = _combined(data)
+    assert x.shape == (30, 5)
+    index = np.rint(x[:, 0].numpy() * 29).astype(int)
+    assert sorted(index.tolist()) == list(range(30))
+    np.testing.assert_allclose(x.numpy(), a[index], rtol=1e-6, atol=1e-7)
+
+
+def test_npy_channels_last_images_move_channels_first(tmp_path):
+    """An (N, H, W, 3) uint8 .npy loads as (N, 3, H, W) with each channel's values kept."""
+    a = np.zeros((10, 6, 6, 3), dtype=np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = 10, 100, 250
+    path = tmp_path / "rgb.npy"
+    np.save(path, a)
+    data = load_data(DataConfig(name=str(path)))
+    assert data.shape == (3, 6, 6)
+    x, _ = _combined(data)
+    assert x[:, 0].unique().tolist() == pytest.approx([10 / 255])
+    assert x[:, 1].unique().tolist() == pytest.approx([100 / 255])
+    assert x[:, 2].unique().tolist() == pytest.approx([250 / 255])
+
+
+def _nan_array() -> np.ndarray:
+    a = np.full((10, 4), 0.5)
+    a[3, 2] = np.nan
+    return a
+
+
+def _pickled(path: Path) -> None:
+    np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: np.save(p, _nan_array()),
+        lambda p: np.save(p, np.full((10, 4), 1.5)),
+        lambda p: np.save(p, np.full((10, 4), -0.1)),
+        lambda p: np.save(p, np.zeros((4, 1, 3, 3, 3))),
+        _pickled,
+        lambda p: p.write_bytes(b""),
+        lambda p: p.write_bytes(b"this is not a numpy file at all"),
+    ],
+    ids=["nan", "above-one", "below-zero", "five-dims", "pickled-objects", "empty-file", "garbage"],
+)
+def test_bad_npy_files_raise_vaekit_error(tmp_path, write):
+    """Unusable .npy contents raise VaekitError rather than another exception."""
+    path = tmp_path / "bad.npy"
+    write(path)
+    with pytest.raises(VaekitError):
+        load_data(DataConfig(name=str(path)))
+
+
+def test_missing_npy_file_raises_vaekit_error(tmp_path):
+    """A .npy path that does not exist raises VaekitError naming it."""
+    path = tmp_path / "missing.npy"
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name=str(path)))
+    assert str(path) in str(err.value)
+
+
+def test_unknown_data_name_raises_vaekit_error():
+    """A name that is no source, array file or folder raises VaekitError naming it."""
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name="no-such-data-set"))
+    assert "no-such-data-set" in str(err.value)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+# (folder, file name, size (width, height), mode, fill): each image is one flat colour so it can be recognised.
+IMAGES = [
+    ("cat", "a.png", (10, 12), "L", 20),
+    ("cat", "b.png", (20, 20), "RGB", (200, 40, 90)),
+    ("cat", "c.png", (10, 12), "L", 140),
+    ("dog", "d.png", (20, 20), "L", 60),
+    ("dog", "e.png", (10, 12), "RGB", (30, 220, 170)),
+    ("dog", "f.png", (20, 20), "RGB", (250, 250, 5)),
+]
+CLASSES = ["cat", "dog"]  # sorted sub-folder names give the labels
+
+
+def _write_images(root: Path) -> None:
+    for folder, name, size, mode, fill in IMAGES:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.new(mode, size, fill).save(root / folder / name)
+
+
+def _expected(channels: int) -> list[tuple[tuple[float, ...], int]]:
+    """Per written image: its flat colour in [0, 1] after conversion to the wanted mode (by PIL), and its label."""
+    mode = "L" if channels == 1 else "RGB"
+    out = []
+    for folder, _, _, m, fill in IMAGES:
+        pixel = Image.new(m, (1, 1), fill).convert(mode).getpixel((0, 0))
+        pixel = pixel if isinstance(pixel, tuple) else (pixel,)
+        out.append((tuple(v / 255 for v in pixel), CLASSES.index(folder)))
+    return out
+
+
+@pytest.mark.parametrize(("channels", "want"), [(0, 3), (1, 1), (3, 3)], ids=["auto", "grey", "rgb"])
+def test_image_folder_resizes_and_labels_by_sub_folder(tmp_path, channels, want):
+    """Images of mixed sizes and modes load as (N, C, 16, 16), each once, labelled by their sorted sub-folder."""
+    _write_images(tmp_path)
+    data = load_data(DataConfig(name=str(tmp_path), image_size=16, channels=channels))
+    assert data.shape == (want, 16, 16)
+    x, y = _combined(data)
+    assert x.shape == (len(IMAGES), want, 16, 16)
+    assert y is not None
+    found = []
+    for image, label in zip(x, y, strict=True):
+        colour = image.flatten(1)
+        # each image was one flat colour, so every pixel of a channel must hold the same value
+        assert torch.equal(colour, colour[:, :1].expand_as(colour))
+        found.append((tuple(colour[:, 0].tolist()), int(label)))
+    expected = _expected(want)
+    matched = []
+    for colour, label in found:
+        hits = [i for i, (c, _) in enumerate(expected) if np.allclose(c, colour, atol=1e-6)]
+        assert len(hits) == 1, f"loaded colour {colour} matches {len(hits)} written images"
+        assert expected[hits[0]][1] == label
+        matched.append(hits[0])
+    assert sorted(matched) == list(range(len(IMAGES)))
+
+
+def test_image_folder_of_only_grey_images_is_one_channel(tmp_path):
+    """A folder of grey images only loads as one channel when channels is left on auto."""
+    for i, size in enumerate([(8, 8), (12, 9), (9, 12)]):
+        Image.new("L", size, 40 * i).save(tmp_path / f"{i}.png")
+    data = load_data(DataConfig(name=str(tmp_path), image_size=16))
+    assert data.shape == (1, 16, 16)
+    x, y = _combined(data)
+    assert y is None  # images directly in the folder have no class
+    assert sorted(round(v * 255) for v in x[:, 0, 0, 0].tolist()) == [0, 40, 80]
+
+
+def test_corrupt_png_in_image_folder_names_the_file(tmp_path):
+    """A .png file of random bytes raises VaekitError naming that file."""
+    _write_images(tmp_path)
+    bad = tmp_path / "dog" / "broken.png"
+    bad.write_bytes(np.random.default_rng(8).integers(0, 256, size=300, dtype=np.uint8).tobytes())
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name=str(tmp_path), image_size=16))
+    assert str(bad) in str(err.value)
+
+
+def test_empty_image_folder_raises_vaekit_error(tmp_path):
+    """A folder holding no images raises VaekitError."""
+    (tmp_path / "notes.txt").write_text("nothing to see")
+    with pytest.raises(VaekitError):
+        load_data(DataConfig(name=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- digits: binarisation and the default split
+
+
+def test_binarize_fixes_test_split_and_leaves_train_grey():
+    """With binarize, the test split is one fixed 0/1 draw consistent with its grey levels; train stays grey."""
+    grey = load_data(DataConfig(name="digits"))
+    first = load_data(DataConfig(name="digits", binarize=True))
+    second = load_data(DataConfig(name="digits", binarize=True))
+    test = first.split("test").x
+    assert set(test.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(test, second.split("test").x)
+    assert torch.equal(first.split("test").y, grey.split("test").y)
+    g = grey.split("test").x
+    assert torch.all(test[g == 0] == 0)  # probability 0 never draws 1
+    assert torch.all(test[g == 1] == 1)  # probability 1 always draws 1
+    middle = (g > 0) & (g < 1)
+    assert 0 < test[middle].mean().item() < 1
+    assert torch.equal(first.split("train").x, grey.split("train").x)
+    assert len(first.split("train").x.unique()) > 2
+
+
+def _rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:
+    """Each example with its label as bytes, sorted: the data set as a multiset of rows."""
+    table = np.concatenate([x.reshape(len(x), -1), y[:, None]], 1).astype(np.float32)
+    return sorted(row.tobytes() for row in table)
+
+
+def test_digits_default_split_is_deterministic_and_partitions_the_data():
+    """Two loads of digits give the same split, and train plus test are exactly the 1797 digits with their labels."""
+    from sklearn.datasets import load_digits
+
+    a, b = load_data(DataConfig(name="digits")), load_data(DataConfig(name="digits"))
+    for split in ("train", "test"):
+        assert torch.equal(a.split(split).x, b.split(split).x)
+        assert torch.equal(a.split(split).y, b.split(split).y)
+    n_train, n_test = len(a.split("train").x), len(a.split("test").x)
+    assert n_train + n_test == N_DIGITS
+    assert n_test == round(N_DIGITS * 0.2)
+    assert a.shape == (1, 8, 8)
+
+    x, y = _combined(a)
+    bunch = load_digits()
+    assert _rows(x.numpy(), y.numpy()) == _rows(bunch.images / 16.0, bunch.target)
+    assert 0.0 <= x.min().item() and x.max().item() <= 1.0
