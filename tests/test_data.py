@@ -124,6 +124,19 @@ def test_binarized_mnist_rejects_a_line_of_783_values(tmp_path):
     assert str(bad) in str(err.value)
 
 
+def test_binarized_mnist_accepts_a_last_line_without_newline(tmp_path):
+    """An .amat file whose last line lacks a trailing newline still loads all of its lines."""
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    written = {}
+    for split in ("train", "valid", "test"):
+        written[split] = rng.integers(0, 2, size=(3, 784))
+        (folder / f"binarized_mnist_{split}.amat").write_text(_amat_text(written[split]).rstrip("\n"))
+    data = load_data(DataConfig(name="binarized-mnist", root=str(tmp_path), download=False))
+    for split, bits in written.items():
+        np.testing.assert_array_equal(data.split(split).x.numpy().reshape(3, 784), bits.astype(np.float32))
+
 def test_binarized_mnist_missing_files_without_download(tmp_path):
     """Missing .amat files with download off raise VaekitError naming the folder to fill."""
     with pytest.raises(VaekitError) as err:
@@ -391,3 +404,4 @@ def test_digits_default_split_is_deterministic_and_partitions_the_data():
     bunch = load_digits()
     assert _rows(x.numpy(), y.numpy()) == _rows(bunch.images / 16.0, bunch.target)
     assert 0.0 <= x.min().item() and x.max().item() <= 1.0
+
