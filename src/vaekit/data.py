@@ -66,6 +66,16 @@ def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Spli
 
     cls = getattr(tvd, class_name)
     raw = root / class_name / "raw"
+    if not cfg.download:
+        # Archives copied in by hand are unpacked here, since torchvision only unpacks as part of a download.
+        from torchvision.datasets.utils import extract_archive
+
+        for filename, _ in cls.resources:
+            if (raw / filename).exists() and not (raw / Path(filename).stem).exists():
+                try:
+                    extract_archive(str(raw / filename), str(raw))
+                except (OSError, EOFError) as e:
+                    raise VaekitError(f"cannot unpack {raw / filename}: {e}") from None
     splits = {}
     for split, train in (("train", True), ("test", False)):
         try:

@@ -1,0 +1,28 @@
+"""Shared fixtures: the bundled digits data and the optional MNIST copy beside the project."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import vaekit
+
+SHARED = Path(os.environ.get("VAEKIT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def digits() -> vaekit.Dataset:
+    """scikit-learn's 8x8 digits as a vaekit data set."""
+    return vaekit.load_data(vaekit.DataConfig(name="digits"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the shared MNIST archives in torchvision's layout, or a skip when they are absent."""
+    raw = SHARED / "MNIST" / "raw"
+    if not raw.is_dir():
+        pytest.skip(f"MNIST archives not found in {raw} (set VAEKIT_TEST_DATA to a folder holding MNIST/raw)")
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(raw, root / "MNIST" / "raw")
+    return root
