@@ -65,3 +65,26 @@ def test_loss_is_finite_for_extreme_logits():
     assert torch.isfinite(loss)
     assert loss.item() > 16 * 100  # every pixel is confidently wrong
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bernoulli_log_prob_value_and_gradient_match_torch():
+    """The Bernoulli log-likelihood and its gradient equal -BCE-with-logits, including at 0 and extreme logits."""
+    from vaekit.likelihoods import Bernoulli
+
+    torch.manual_seed(3)
+    logits = torch.cat([torch.randn(6, 30) * 8, torch.tensor([[0.0, 100.0, -100.0, 30.0, -30.0] * 6])])
+    x = torch.rand(7, 30)
+    x[:, :5] = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5])
+    ours = logits.clone().double().requires_grad_()
+    ref = logits.clone().double().requires_grad_()
+    value = Bernoulli().log_prob(x.double(), ours)
+    expected = -F.binary_cross_entropy_with_logits(ref, x.double(), reduction="none").sum(1)
+    torch.testing.assert_close(value, expected)
+    weights = torch.rand(7, dtype=torch.float64)
+    (value * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad)
+    assert torch.autograd.gradcheck(
+        lambda a, b: Bernoulli().log_prob(b, a),
+        (ours.detach()[:, :8].requires_grad_(), x.double()[:, :8].requires_grad_()),
+    )
