@@ -35,7 +35,7 @@ def latent_scatter(z: np.ndarray, labels: np.ndarray | None, path: str | Path, t
             pick = labels == c
             colour = cmap(i / (len(classes) - 1) if many else i)
             ax.scatter(z[pick, 0], z[pick, 1], s=4, alpha=0.6, label=str(c), color=colour)
-        ax.legend(markerscale=3, fontsize="small", loc="best", title="label")
+        ax.legend(markerscale=3, fontsize="small", title="label", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title)
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
@@ -58,8 +58,9 @@ def loss_curves(metrics: list[dict[str, Any]], path: str | Path) -> Path:
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     epochs = [m["epoch"] for m in metrics]
-    ax.plot(epochs, [m["train_loss"] for m in metrics], marker=".", label="train")
-    ax.plot(epochs, [m["test_loss"] for m in metrics], marker=".", label="test")
+    marker = "." if len(epochs) <= 50 else None
+    ax.plot(epochs, [m["train_loss"] for m in metrics], marker=marker, label="train")
+    ax.plot(epochs, [m["test_loss"] for m in metrics], marker=marker, label="test")
     ax.set_xlabel("epoch")
     ax.set_ylabel("negative ELBO (nats per example)")
     ax.set_title("loss")
