@@ -137,6 +137,7 @@ def test_binarized_mnist_accepts_a_last_line_without_newline(tmp_path):
     for split, bits in written.items():
         np.testing.assert_array_equal(data.split(split).x.numpy().reshape(3, 784), bits.astype(np.float32))
 
+
 def test_binarized_mnist_missing_files_without_download(tmp_path):
     """Missing .amat files with download off raise VaekitError naming the folder to fill."""
     with pytest.raises(VaekitError) as err:
@@ -403,5 +404,3 @@ def test_digits_default_split_is_deterministic_and_partitions_the_data():
     x, y = _combined(a)
     bunch = load_digits()
     assert _rows(x.numpy(), y.numpy()) == _rows(bunch.images / 16.0, bunch.target)
-    assert 0.0 <= x.min().item() and x.max().item() <= 1.0
-

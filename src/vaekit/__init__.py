@@ -1,36 +1,30 @@
 """vaekit: variational auto-encoders as tools: train, measure, look at and use them."""
 
-from .config import PRESETS, Config, DataConfig, ModelConfig, TrainConfig, make_config
-from .data import Dataset, Split, load_data
-from .errors import VaekitError
-from .model import VAE
-from .rundir import load, load_config, read_metrics
-from .train import Run, train
-from .uses import decode, encode, interpolate, manifold, plot, reconstruct, sample
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "PRESETS",
-    "Config",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "make_config",
-    "Dataset",
-    "Split",
-    "load_data",
-    "VaekitError",
-    "VAE",
-    "load",
-    "load_config",
-    "read_metrics",
-    "Run",
-    "train",
-    "decode",
-    "encode",
-    "interpolate",
-    "manifold",
-    "plot",
-    "reconstruct",
-    "sample",
-]
+
+# Names are imported on first use, so that `vaekit --help` and `import vaekit` do not wait for torch.
+_EXPORTS = {
+    "config": ["PRESETS", "Config", "DataConfig", "ModelConfig", "TrainConfig", "make_config"],
+    "data": ["Dataset", "Split", "load_data"],
+    "errors": ["VaekitError"],
+    "model": ["VAE"],
+    "rundir": ["load", "load_config", "read_metrics"],
+    "training": ["Run", "train", "pick_device"],
+    "uses": ["decode", "encode", "interpolate", "manifold", "plot", "reconstruct", "sample"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = globals()[name] = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        return value
+    raise AttributeError(f"module 'vaekit' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

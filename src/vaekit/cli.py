@@ -127,7 +127,7 @@ def _build() -> argparse.ArgumentParser:
 
 def _train(a: argparse.Namespace) -> None:
     from .config import parse_assignment
-    from .train import train
+    from .training import train
 
     flags = {
         "data.name": a.data,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,7 @@ def validate(cfg: Config) -> None:
         ("train.epochs", cfg.train.epochs >= 1, "an integer >= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "an integer >= 1"),
         ("train.eval_batch_size", cfg.train.eval_batch_size >= 1, "an integer >= 1"),
-        ("train.lr", cfg.train.lr > 0, "a number > 0"),
+        ("train.lr", 0 < cfg.train.lr < math.inf, "a finite number > 0"),
         ("model.latent", cfg.model.latent >= 1, "an integer >= 1"),
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
         ("data.image_size", cfg.data.image_size >= 1, "an integer >= 1"),

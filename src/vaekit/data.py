@@ -99,7 +99,7 @@ def _read_amat(path: Path) -> torch.Tensor:
     except (OSError, EOFError) as e:
         raise VaekitError(f"cannot read {path}: {e}") from None
     bits = text[(text == ord("0")) | (text == ord("1"))] - ord("0")
-    lines = int((text == ord("\n")).sum())
+    lines = sum(1 for line in text.tobytes().splitlines() if line.strip())
     if lines == 0 or bits.size != lines * 784:
         raise VaekitError(f"{path} is not a binarized MNIST .amat file (784 values of 0/1 per line)")
     return torch.from_numpy(bits.reshape(-1, 1, 28, 28).astype(np.float32))
@@ -142,7 +142,9 @@ def _split(x: torch.Tensor, y: torch.Tensor | None, test_fraction: float) -> dic
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     n_test = max(1, round(len(x) * test_fraction))
     if len(x) - n_test < 1:
-        raise VaekitError(f"only {len(x)} examples: too few to split into train and test")
+        raise VaekitError(
+            f"{len(x)} examples with test_fraction {test_fraction} leave none for training; lower data.test_fraction"
+        )
     test, train = order[:n_test], order[n_test:]
     return {
         "train": Split(x[train], None if y is None else y[train]),

@@ -10,7 +10,6 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
 
 from .rundir import atomic_path
 
@@ -44,6 +43,8 @@ def latent_scatter(z: np.ndarray, labels: np.ndarray | None, path: str | Path, t
 
 def image_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str | Path, nrow: int) -> Path:
     """Side-by-side grids of images (N, C, H, W) in [0, 1], each with a title."""
+    from torchvision.utils import make_grid
+
     fig = Figure(figsize=(5 * len(panels), 5))
     for ax, (title, images) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
         grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)

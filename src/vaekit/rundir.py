@@ -33,7 +33,12 @@ FORMAT = "vaekit-model"
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside path; on success it is renamed to path, on failure removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise VaekitError(f"cannot write {path}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VaekitError(f"cannot create the folder for {path}: {e}") from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
@@ -81,6 +86,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
         raise VaekitError(f"{desc_path} is not a vaekit model description")
     try:
         shape = tuple(int(s) for s in desc["shape"])
+        if not shape or min(shape) < 1:
+            raise ValueError(f"bad shape {shape}")
         config = ModelConfig()
         cfg = Config(model=config)
         _merge(cfg, {"model": desc["model"]})

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from . import plots as figures
 from .config import Config
@@ -26,6 +25,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
     if not _is_image(tuple(images.shape[1:])):
         raise VaekitError("this model's data are not images; write them with --npy instead")
+    from torchvision.utils import save_image
+
     with atomic_path(path) as tmp:
         save_image(images.detach().cpu(), tmp, nrow=nrow, padding=2, format="png")
     return Path(path)
@@ -65,6 +66,8 @@ def reconstruct(
     run: str | Path, n: int = 32, *, split: str = "test", out: str | Path | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n examples of a split and their reconstructions from the posterior means."""
+    if n < 1:
+        raise VaekitError(f"the number of examples must be at least 1, got {n}")
     model, cfg = load(run), load_config(run)
     x = _split(cfg, split)[0][:n]
     recon = model.decode(model.encode(x)[0])

@@ -66,6 +66,8 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
             n += 1
             out = Path("runs") / f"{cfg.preset}-{stamp}-{n}"
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VaekitError(f"--out {out} is a file, not a directory")
     if (out / DESCRIPTION).exists() or (out / CONFIG).exists():
         raise VaekitError(f"{out} already holds a run; pass another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,458 @@
+"""Tests of the `vaekit` command: one real training run on digits used by every command, and bad inputs.
+
+Starting `python -m vaekit` costs a few seconds (it imports torch), so independent commands run side by side,
+and `COMMAND --help` and the table of bad inputs run through vaekit.cli.main in this process; a subset of the
+table also runs as real processes to check what a user sees on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vaekit
+from vaekit.cli import main
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOT_NAMES = {"latent.png", "manifold.png", "samples.png", "reconstructions.png", "loss.png", "interpolations.png"}
+N_TEST = 359  # digits holds 1797 examples; the default test_fraction of 0.2 holds out round(359.4) of them
+COMMANDS = ["train", "sample", "reconstruct", "encode", "decode", "plot"]
+
+
+def vaekit_run(args: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m vaekit ARGS` in cwd and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "vaekit", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def vaekit_run_all(commands: dict[str, list[str | Path]], cwd: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run several independent `python -m vaekit` commands side by side; results by the same keys."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {key: pool.submit(vaekit_run, args, cwd) for key, args in commands.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"{result.args} exited {result.returncode}:\n{result.stderr}"
+    return result
+
+
+# ---------------------------------------------------------------- one real run and every command on it
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train on digits for 2 epochs once; note what the run directory held right after training."""
+    cwd = tmp_path_factory.mktemp("cli")
+    result = vaekit_run(["train", "--epochs", "2", "--out", "RUN"], cwd)
+    run = cwd / "RUN"
+    plots = {p.name: p.read_bytes()[:8] for p in (run / "plots").iterdir()} if (run / "plots").is_dir() else {}
+    return {"cwd": cwd, "run": run, "result": result, "plots_after_train": plots}
+
+
+@pytest.fixture(scope="module")
+def used(trained: dict) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run every command on the trained run (decode after encode, since it reads encode's output)."""
+    cwd = trained["cwd"]
+    ok(trained["result"])
+    results = vaekit_run_all(
+        {
+            "sample": ["sample", "RUN", "-n", "16", "-o", "s.png", "--npy", "s.npy"],
+            "reconstruct": ["reconstruct", "RUN", "-n", "8", "-o", "r.png"],
+            "encode-npy": ["encode", "RUN", "-o", "lat.npy"],
+            "encode-npz": ["encode", "RUN", "-o", "lat.npz"],
+            "plot": ["plot", "RUN"],
+        },
+        cwd,
+    )
+    results["decode"] = vaekit_run(["decode", "RUN", "lat.npy", "-o", "d.png", "--npy", "d.npy"], cwd)
+    return results
+
+
+def test_train_writes_a_complete_run_directory(trained):
+    """`train --epochs 2 --out RUN` exits 0 and writes config, weights, description, 2 metric lines and 6 PNG plots."""
+    ok(trained["result"])
+    run = trained["run"]
+    assert trained["result"].stdout.strip().splitlines()[-1] == "RUN"
+    for name in ("config.toml", "model.safetensors", "model.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    config = tomllib.loads((run / "config.toml").read_text())
+    assert config["train"]["epochs"] == 2
+    assert config["data"]["name"] == "digits"
+    description = json.loads((run / "model.json").read_text())
+    assert description["shape"] == [1, 8, 8]
+    assert description["model"]["latent"] == 2
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    metrics = [json.loads(line) for line in lines]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert set(m) >= {"epoch", "train_loss", "test_loss", "seconds"}
+        # a negative ELBO with a Bernoulli likelihood is a cross-entropy plus a KL: finite and positive
+        assert np.isfinite(m["train_loss"]) and m["train_loss"] > 0
+        assert np.isfinite(m["test_loss"]) and m["test_loss"] > 0
+        assert m["seconds"] >= 0
+    assert set(trained["plots_after_train"]) == PLOT_NAMES
+    for name, head in trained["plots_after_train"].items():
+        assert head == PNG_SIGNATURE, name
+
+
+def test_train_reloads_as_a_model(trained):
+    """The run directory rebuilds through the API into a model for 1x8x8 images with 2 latent dimensions."""
+    ok(trained["result"])
+    model = vaekit.load(trained["run"])
+    assert model.shape == (1, 8, 8)
+    assert model.latent == 2
+    assert vaekit.load_config(trained["run"]).train.epochs == 2
+
+
+def test_sample_writes_png_and_npy(trained, used):
+    """`sample -n 16` writes a PNG grid and a (16, 1, 8, 8) array in [0, 1], the same as the API's samples."""
+    cwd = trained["cwd"]
+    ok(used["sample"])
+    assert is_png(cwd / "s.png")
+    s = np.load(cwd / "s.npy")
+    assert s.shape == (16, 1, 8, 8)
+    assert s.min() >= 0 and s.max() <= 1
+    np.testing.assert_allclose(s, vaekit.sample(trained["run"], 16, seed=0).numpy(), atol=1e-6)
+
+
+def test_reconstruct_writes_png(trained, used):
+    """`reconstruct -n 8 -o r.png` writes a PNG."""
+    ok(used["reconstruct"])
+    assert is_png(trained["cwd"] / "r.png")
+
+
+def test_encode_writes_means_and_log_variances(trained, used):
+    """`encode -o lat.npy` writes (359, 2, 2); `-o lat.npz` holds the same means and log-variances and the labels."""
+    cwd = trained["cwd"]
+    ok(used["encode-npy"])
+    ok(used["encode-npz"])
+    lat = np.load(cwd / "lat.npy")
+    assert lat.shape == (N_TEST, 2, 2)
+    assert np.isfinite(lat).all()
+    with np.load(cwd / "lat.npz") as npz:
+        assert set(npz.files) == {"mean", "logvar", "label"}
+        np.testing.assert_array_equal(npz["mean"], lat[:, 0])
+        np.testing.assert_array_equal(npz["logvar"], lat[:, 1])
+        labels = npz["label"]
+    test = vaekit.load_data(vaekit.DataConfig(name="digits")).split("test")
+    np.testing.assert_array_equal(labels, test.y.numpy())
+    model = vaekit.load(trained["run"])
+    with torch.no_grad():
+        mean, logvar = model.encode(test.x)
+    np.testing.assert_allclose(lat[:, 0], mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(lat[:, 1], logvar.numpy(), atol=1e-5)
+
+
+def test_decode_reads_encode_output(trained, used):
+    """`decode RUN lat.npy` decodes the 359 means into a PNG and a (359, 1, 8, 8) array in [0, 1]."""
+    cwd = trained["cwd"]
+    ok(used["encode-npy"])
+    ok(used["decode"])
+    assert is_png(cwd / "d.png")
+    d = np.load(cwd / "d.npy")
+    assert d.shape == (N_TEST, 1, 8, 8)
+    assert d.min() >= 0 and d.max() <= 1
+    model = vaekit.load(trained["run"])
+    with torch.no_grad():
+        expected = model.decode(torch.from_numpy(np.load(cwd / "lat.npy")[:, 0]))
+    np.testing.assert_allclose(d, expected.numpy(), atol=1e-6)
+
+
+def test_plot_prints_six_png_paths(trained, used):
+    """`plot RUN` prints six paths, one per plot, each a PNG inside RUN/plots."""
+    result = ok(used["plot"])
+    paths = [trained["cwd"] / line for line in result.stdout.splitlines() if line.strip()]
+    assert len(paths) == 6
+    assert {p.name for p in paths} == PLOT_NAMES
+    for p in paths:
+        assert p.parent.resolve() == (trained["run"] / "plots").resolve()
+        assert is_png(p), p
+
+
+def test_help_of_the_command(tmp_path):
+    """`python -m vaekit --help` exits 0 and lists every command."""
+    result = ok(vaekit_run(["--help"], tmp_path))
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_each_command(command, capsys):
+    """`vaekit COMMAND --help` exits 0 and names the command in its usage."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code in (0, None)
+    assert f"vaekit {command}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad inputs
+
+# Each builder gets (tmp_path, run) and returns (argv, output files the command names, train --out folder or None).
+Case = Callable[[Path, Path], tuple[list[str], list[Path], Path | None]]
+
+
+def _train(*extra: str | Path, epochs: bool = True) -> Case:
+    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+        out = tmp / "out"
+        argv = ["train", *(["--epochs", "1"] if epochs else []), "--no-plots", "--out", str(out), *map(str, extra)]
+        return argv, [], out
+
+    return build
+
+
+def _train_with(make: Callable[[Path], list[str]]) -> Case:
+    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+        argv, outputs, out = _train()(tmp, run)
+        return [*argv, *make(tmp)], outputs, out
+
+    return build
+
+
+def _npy(array: np.ndarray | None, name: str = "data.npy") -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        path = tmp / name
+        if array is None:
+            path.write_bytes(b"")
+        else:
+            np.save(path, array)
+        return ["--data", str(path)]
+
+    return make
+
+
+def _file(name: str, text: str) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        (tmp / name).write_text(text)
+        return ["--config", str(tmp / name)]
+
+    return make
+
+
+def _nan_images() -> np.ndarray:
+    a = np.full((20, 4, 4), 0.5)
+    a[5, 1, 1] = np.nan
+    return a
+
+
+def _empty_data_dir(tmp: Path) -> list[str]:
+    (tmp / "empty").mkdir()
+    return ["--data", "mnist", "--no-download", "--data-dir", str(tmp / "empty")]
+
+
+def _cuda(tmp: Path) -> list[str]:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available, so --device cuda is valid here")
+    return ["--device", "cuda"]
+
+
+def _damaged_run(damage: Callable[[Path], None]) -> Callable[[Path, Path], Path]:
+    """A copy of the trained run, damaged by damage(copy)."""
+
+    def make(tmp: Path, run: Path) -> Path:
+        copy = tmp / "damaged"
+        shutil.copytree(run, copy)
+        damage(copy)
+        return copy
+
+    return make
+
+
+def _existing_run(tmp: Path, run: Path) -> Path:
+    return run
+
+
+def _missing_run(tmp: Path, run: Path) -> Path:
+    return tmp / "no-such-run"
+
+
+def _not_a_run(tmp: Path, run: Path) -> Path:
+    (tmp / "plain").mkdir()
+    (tmp / "plain" / "notes.txt").write_text("not a run")
+    return tmp / "plain"
+
+
+def _truncate_weights(run: Path) -> None:
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _garbage_weights(run: Path) -> None:
+    (run / "model.safetensors").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+
+
+def _other_latent(run: Path) -> None:
+    description = json.loads((run / "model.json").read_text())
+    description["model"]["latent"] = 3
+    (run / "model.json").write_text(json.dumps(description))
+
+
+def _sample(where: Callable[[Path, Path], Path], *extra: str) -> Case:
+    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+        png, npy = tmp / "s.png", tmp / "s.npy"
+        return ["sample", str(where(tmp, run)), "-o", str(png), "--npy", str(npy), *extra], [png, npy], None
+
+    return build
+
+
+def _reconstruct(*extra: str, n: str = "4") -> Case:
+    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+        png = tmp / "r.png"
+        return ["reconstruct", str(run), "-n", n, "-o", str(png), *extra], [png], None
+
+    return build
+
+
+def _decode(latents: np.ndarray | None) -> Case:
+    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+        path, png, npy = tmp / "z.npy", tmp / "d.png", tmp / "d.npy"
+        if latents is not None:
+            np.save(path, latents)
+        return ["decode", str(run), str(path), "-o", str(png), "--npy", str(npy)], [png, npy], None
+
+    return build
+
+
+def _train_out_is_a_file(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+    (tmp / "afile").write_text("keep me")
+    return ["train", "--epochs", "1", "--no-plots", "--out", str(tmp / "afile")], [], tmp / "afile"
+
+
+def _sample_out_is_a_folder(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+    (tmp / "afolder").mkdir()
+    npy = tmp / "s.npy"
+    return ["sample", str(run), "-n", "4", "-o", str(tmp / "afolder"), "--npy", str(npy)], [npy], None
+
+
+def _with_nan(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a[1, 0] = np.nan
+    return a
+
+
+BAD_INPUTS = [
+    pytest.param(_train("--preset", "nope"), id="unknown-preset"),
+    pytest.param(_train("--bogus"), id="unknown-option"),
+    pytest.param(_train("--epochs", "many"), id="epochs-not-an-integer"),
+    pytest.param(_train("--hidden", "64,x"), id="hidden-not-integers"),
+    pytest.param(lambda tmp, run: (["nope"], [], None), id="unknown-command"),
+    pytest.param(_train("--data", "no-such-data"), id="unknown-data-name"),
+    pytest.param(_train_with(lambda tmp: ["--data", str(tmp / "missing.npy")]), id="missing-npy"),
+    pytest.param(_train_with(_npy(_nan_images())), id="npy-with-nan"),
+    pytest.param(_train_with(_npy(np.zeros((4, 1, 2, 3, 3)))), id="npy-5d"),
+    pytest.param(_train_with(_npy(np.full((20, 4, 4), 2.0))), id="npy-above-one"),
+    pytest.param(_train_with(_npy(None)), id="npy-empty-file"),
+    # without --epochs 1, which would override the --set
+    pytest.param(_train("--set", "train.epochs=0", epochs=False), id="set-epochs-zero"),
+    pytest.param(_train("--set", "model.nope=1"), id="set-unknown-key"),
+    pytest.param(_train("--set", "train.lr=abc"), id="set-lr-wrong-type"),
+    pytest.param(_train("--set", "nodot"), id="set-malformed"),
+    pytest.param(_train("--activation", "nope"), id="unknown-activation"),
+    pytest.param(_train_with(_file("c.toml", "[train]\nnope = 1\n")), id="config-unknown-key"),
+    pytest.param(_train_with(_file("c.toml", "[train\nepochs = = 3\n")), id="config-not-toml"),
+    pytest.param(_train_with(lambda tmp: ["--config", str(tmp / "missing.toml")]), id="config-missing"),
+    pytest.param(_train_with(_empty_data_dir), id="mnist-no-download-empty-dir"),
+    pytest.param(_train_with(_cuda), id="device-cuda-unavailable"),
+    pytest.param(_train("--device", "nonsense"), id="device-unknown"),
+    pytest.param(_sample(_missing_run), id="sample-missing-run"),
+    pytest.param(_sample(_not_a_run), id="sample-not-a-run"),
+    pytest.param(_sample(_damaged_run(_truncate_weights)), id="weights-truncated"),
+    pytest.param(_sample(_damaged_run(_garbage_weights)), id="weights-garbage"),
+    pytest.param(_sample(_damaged_run(lambda r: (r / "model.safetensors").unlink())), id="weights-missing"),
+    pytest.param(_sample(_damaged_run(_other_latent)), id="description-other-latent"),
+    pytest.param(_sample(_damaged_run(lambda r: (r / "model.json").write_text("{"))), id="description-not-json"),
+    pytest.param(_sample(_existing_run, "-n", "0"), id="sample-n-zero"),
+    pytest.param(_decode(np.zeros((5, 3), np.float32)), id="decode-wrong-width"),
+    pytest.param(_decode(_with_nan(np.zeros((5, 2), np.float32))), id="decode-nan"),
+    pytest.param(_decode(None), id="decode-missing-latents"),
+    pytest.param(_reconstruct("--split", "nope"), id="reconstruct-unknown-split"),
+    pytest.param(_reconstruct(n="0"), id="reconstruct-n-zero"),
+    pytest.param(_reconstruct(n="-1"), id="reconstruct-n-negative"),
+    pytest.param(_train("--lr", "inf"), id="lr-infinite"),
+    pytest.param(_train_out_is_a_file, id="train-out-is-a-file"),
+    pytest.param(_sample_out_is_a_folder, id="sample-out-is-a-folder"),
+]
+
+# Bad inputs also run as real `python -m vaekit` processes, one of each kind of failure.
+REAL_PROCESS_IDS = ["unknown-option", "npy-with-nan", "weights-garbage"]
+
+
+def _check_failure(code: int | str | None, stderr: str, outputs: list[Path], out: Path | None) -> None:
+    lines = stderr.splitlines()
+    assert code == 2, f"exit code {code}, stderr:\n{stderr}"
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, f"stderr is not one line:\n{stderr}"
+    assert lines[0].startswith("vaekit") and "error" in lines[0], lines[0]
+    for path in outputs:
+        assert not path.exists(), f"{path} was written"
+    if out is not None:
+        assert not (out / "config.toml").exists()
+        assert not (out / "model.json").exists()
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_with_one_line_and_exit_code_2(case, trained, tmp_path, monkeypatch, capsys):
+    """A bad input exits with code 2 and one error line on stderr, writing none of its outputs."""
+    ok(trained["result"])
+    argv, outputs, out = case(tmp_path, trained["run"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse exits rather than returning
+        code = e.code
+    _check_failure(code, capsys.readouterr().err, outputs, out)
+
+
+def test_bad_inputs_in_real_processes(trained, tmp_path):
+    """In real `python -m vaekit` processes, bad inputs exit 2 with one stderr line and no traceback."""
+    ok(trained["result"])
+    cases = {p.id: p.values[0] for p in BAD_INPUTS if p.id in REAL_PROCESS_IDS}
+    assert set(cases) == set(REAL_PROCESS_IDS)
+    built = {}
+    for name, case in cases.items():
+        (tmp_path / name).mkdir()
+        built[name] = case(tmp_path / name, trained["run"])
+    results = vaekit_run_all({name: argv for name, (argv, _, _) in built.items()}, tmp_path)
+    for name, (_, outputs, out) in built.items():
+        result = results[name]
+        try:
+            _check_failure(result.returncode, result.stderr, outputs, out)
+        except AssertionError as e:
+            raise AssertionError(f"case {name}: {e}") from None
+
+
+def test_train_refuses_to_overwrite_a_run(trained, tmp_path, monkeypatch, capsys):
+    """`train --out` an existing run exits 2 and leaves that run's weights untouched."""
+    ok(trained["result"])
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["run"], copy)
+    weights = (copy / "model.safetensors").read_bytes()
+    metrics = (copy / "metrics.jsonl").read_text()
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--epochs", "1", "--no-plots", "--out", str(copy)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(copy) in err
+    assert (copy / "model.safetensors").read_bytes() == weights
+    assert (copy / "metrics.jsonl").read_text() == metrics
