@@ -41,28 +41,46 @@ def _build() -> argparse.ArgumentParser:
     )
     t.add_argument("--preset", help=f"starting configuration: {', '.join(PRESETS)} (default: digits)")
     t.add_argument("--config", metavar="FILE", help="a TOML file with [data], [model], [train] tables")
+    # Flags whose dest is a dotted config key become overrides as they are.
     t.add_argument(
-        "--data", help="digits, mnist, fashion-mnist, kmnist, binarized-mnist, a .npy/.npz file or an image folder"
+        "--data",
+        dest="data.name",
+        metavar="DATA",
+        help="digits, mnist, fashion-mnist, kmnist, binarized-mnist, a .npy/.npz file or an image folder",
     )
     t.add_argument(
         "--data-dir",
-        dest="root",
+        dest="data.root",
         metavar="DIR",
+        type=lambda p: str(Path(p).expanduser().resolve()),
         help="where downloadable data sets live (default: $VAEKIT_DATA or ~/.cache/vaekit)",
     )
     t.add_argument(
-        "--no-download", dest="download", action="store_const", const=False, help="never fetch data from the web"
+        "--no-download", dest="data.download", action="store_const", const=False, help="never fetch data from the web"
     )
-    t.add_argument("--binarize", action="store_const", const=True, help="dynamic binarisation of training images")
-    t.add_argument("--image-size", type=int, metavar="N", help="resize folder images to N x N")
-    t.add_argument("--epochs", type=int, metavar="N")
-    t.add_argument("--batch-size", type=int, metavar="N")
-    t.add_argument("--lr", type=float, help="Adam learning rate")
-    t.add_argument("--latent", type=int, metavar="N", help="latent dimensions")
-    t.add_argument("--hidden", type=_int_list, metavar="N,N", help="hidden layer widths, e.g. 512,256")
-    t.add_argument("--activation", help="relu, tanh, elu, gelu, silu, leaky_relu or softplus")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    t.add_argument(
+        "--binarize",
+        dest="data.binarize",
+        action="store_const",
+        const=True,
+        help="dynamic binarisation of training images",
+    )
+    t.add_argument("--image-size", dest="data.image_size", type=int, metavar="N", help="resize folder images to N x N")
+    t.add_argument("--epochs", dest="train.epochs", type=int, metavar="N")
+    t.add_argument("--batch-size", dest="train.batch_size", type=int, metavar="N")
+    t.add_argument("--lr", dest="train.lr", type=float, metavar="LR", help="Adam learning rate")
+    t.add_argument("--latent", dest="model.latent", type=int, metavar="N", help="latent dimensions")
+    t.add_argument(
+        "--hidden", dest="model.hidden", type=_int_list, metavar="N,N", help="hidden layer widths, e.g. 512,256"
+    )
+    t.add_argument(
+        "--activation",
+        dest="model.activation",
+        metavar="NAME",
+        help="relu, tanh, elu, gelu, silu, leaky_relu or softplus",
+    )
+    t.add_argument("--seed", dest="train.seed", type=int, metavar="N")
+    t.add_argument("--device", dest="train.device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
     t.add_argument(
         "--set",
         action="append",
@@ -126,30 +144,11 @@ def _build() -> argparse.ArgumentParser:
 
 
 def _train(a: argparse.Namespace) -> None:
-    from .config import parse_assignment
+    from .config import make_config, parse_assignment
     from .training import train
 
-    flags = {
-        "data.name": a.data,
-        "data.root": a.root,
-        "data.download": a.download,
-        "data.binarize": a.binarize,
-        "data.image_size": a.image_size,
-        "train.epochs": a.epochs,
-        "train.batch_size": a.batch_size,
-        "train.lr": a.lr,
-        "model.latent": a.latent,
-        "model.hidden": a.hidden,
-        "model.activation": a.activation,
-        "train.seed": a.seed,
-        "train.device": a.device,
-    }
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    if a.root is not None:
-        overrides["data.root"] = str(Path(a.root).expanduser().resolve())
-    from .config import make_config
-
+    overrides.update({k: v for k, v in vars(a).items() if "." in k and v is not None})
     cfg = make_config(a.preset, a.config, overrides)
     run = train(cfg, a.out, plots=not a.no_plots, verbose=not a.quiet)
     print(run.dir)

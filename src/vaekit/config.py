@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -170,20 +171,9 @@ def _dotted(key: str) -> str:
     return f"{owners[0]}.{key}"
 
 
-def make_config(
-    preset_name: str | None = None,
-    file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> Config:
-    """Resolve a configuration: preset (or the file's own preset), then the file, then overrides.
-
-    Overrides map 'section.key' or a unique short key ('epochs', 'latent', 'data') to a value.
-    """
-    from_file = read_toml(file) if file is not None else {}
-    name = preset_name or from_file.get("preset") or "digits"
-    cfg = preset(_coerce("preset", name, ""))
-    _merge(cfg, from_file)
-    cfg.preset = name
+def override(cfg: Config, overrides: dict[str, Any] | None = None) -> Config:
+    """A validated copy of cfg with overrides ('section.key' or a unique short key such as 'epochs') applied."""
+    cfg = copy.deepcopy(cfg)
     nested: dict[str, dict[str, Any]] = {}
     for key, value in (overrides or {}).items():
         section, _, name = _dotted(key).partition(".")
@@ -191,6 +181,20 @@ def make_config(
     _merge(cfg, nested)
     validate(cfg)
     return cfg
+
+
+def make_config(
+    preset_name: str | None = None,
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a configuration: the preset (or the file's own preset), then the file, then the overrides."""
+    from_file = read_toml(file) if file is not None else {}
+    name = preset_name or from_file.get("preset") or "digits"
+    cfg = preset(_coerce("preset", name, ""))
+    _merge(cfg, from_file)
+    cfg.preset = name
+    return override(cfg, overrides)
 
 
 def validate(cfg: Config) -> None:

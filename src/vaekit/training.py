@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import likelihoods, nets
-from .config import Config, make_config
+from .config import Config, make_config, override
 from .data import Dataset, load_data
 from .errors import VaekitError
 from .evaluate import mean_loss
@@ -30,11 +30,6 @@ class Run:
     model: VAE
     metrics: list[dict[str, Any]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
-
-
-def _flat(cfg: Config) -> dict[str, Any]:
-    """A configuration as dotted keys."""
-    return {f"{s}.{k}": v for s, table in cfg.to_dict().items() if isinstance(table, dict) for k, v in table.items()}
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,10 +79,7 @@ def train(
     **overrides: Any,
 ) -> Run:
     """Train a VAE from a preset name or a Config, with overrides such as epochs=5, and save it as a run directory."""
-    if isinstance(config, str):
-        cfg = make_config(config, overrides=overrides)
-    else:
-        cfg = make_config(config.preset, overrides={**_flat(config), **overrides})
+    cfg = make_config(config, overrides=overrides) if isinstance(config, str) else override(config, overrides)
     nets.activation(cfg.model.activation)
     likelihoods.get(cfg.model.likelihood)
     device = pick_device(cfg.train.device)
@@ -124,7 +116,7 @@ def train(
             loss.backward()
             optimizer.step()
             total += loss.detach()
-            if step % 50 == 0:
+            if step % 50 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
         bar.close()
         model.eval()
