@@ -86,3 +86,17 @@ def test_seed_preset_on_mnist(mnist_root, tmp_path):
     assert run.model.shape == (1, 28, 28)
     # The tutorial's loop gives about 168 nats after one epoch at these sizes (benchmarks/seed_speed.py).
     assert 150 < run.metrics[0]["test_loss"] < 175
+
+
+def test_run_finds_relative_data_from_elsewhere(tmp_path, monkeypatch):
+    """A run trained on a relative .npy path records it absolutely, so encode works from another directory."""
+    import numpy as np
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    np.save("x.npy", np.random.default_rng(0).random((50, 4, 4), dtype=np.float32))
+    vaekit.train("digits", out="run", data="x.npy", epochs=1, plots=False, verbose=False)
+    monkeypatch.chdir(tmp_path / "b")
+    mean, logvar, labels = vaekit.encode(tmp_path / "a" / "run")
+    assert mean.shape == (10, 2) and labels is None

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import likelihoods, nets
 from .config import Config, make_config, override
-from .data import Dataset, load_data
+from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
 from .evaluate import mean_loss
 from .model import VAE
@@ -85,6 +85,9 @@ def train(
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = dataset if dataset is not None else load_data(cfg.data)
+    if cfg.data.name not in SOURCES and Path(cfg.data.name).expanduser().exists():
+        # The run records where its data came from so that later commands find it from any directory.
+        cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())
     run_dir = _run_dir(out, cfg)
     write_text(run_dir / CONFIG, cfg.to_toml())
     say = print if verbose else (lambda *a, **k: None)
