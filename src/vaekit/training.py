@@ -103,6 +103,7 @@ def train(
     n, bs = len(x_train), cfg.train.batch_size
     steps = (n + bs - 1) // bs
     metrics: list[dict[str, Any]] = []
+    report_every = max(1, cfg.train.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
 
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
@@ -129,7 +130,8 @@ def train(
         metrics.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "seconds": seconds})
         save_model(model, run_dir)
         write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
-        say(f"epoch {epoch:3d}  train loss {train_loss:9.4f}  test loss {test_loss:9.4f}  ({seconds:.2f} s)")
+        if epoch % report_every == 0 or epoch in (1, cfg.train.epochs):
+            say(f"epoch {epoch:3d}  train loss {train_loss:9.4f}  test loss {test_loss:9.4f}  ({seconds:.2f} s)")
 
     run = Run(run_dir, cfg, model, metrics)
     if plots:
