@@ -456,3 +456,30 @@ def test_train_refuses_to_overwrite_a_run(trained, tmp_path, monkeypatch, capsys
     assert str(copy) in err
     assert (copy / "model.safetensors").read_bytes() == weights
     assert (copy / "metrics.jsonl").read_text() == metrics
+
+
+def test_tabular_data_through_every_command(tmp_path):
+    """A model of (N, D) vectors trains, samples and decodes to .npy, plots what applies, and refuses pictures."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "table.npy", rng.random((120, 6), dtype=np.float32))
+    ok(vaekit_run(["train", "--data", "table.npy", "--epochs", "2", "--out", "RUN"], tmp_path))
+    assert {p.name for p in (tmp_path / "RUN" / "plots").iterdir()} == {"loss.png", "latent.png"}
+    results = vaekit_run_all(
+        {
+            "sample": ["sample", "RUN", "-n", "5", "--npy", "s.npy"],
+            "encode": ["encode", "RUN", "-o", "z.npy"],
+            "sample-png": ["sample", "RUN", "-n", "5"],
+            "reconstruct": ["reconstruct", "RUN", "-n", "4"],
+        },
+        tmp_path,
+    )
+    ok(results["sample"])
+    ok(results["encode"])
+    assert np.load(tmp_path / "s.npy").shape == (5, 6)
+    assert np.load(tmp_path / "z.npy").shape == (24, 2, 2)
+    assert not (tmp_path / "RUN" / "samples.png").exists()
+    for name in ("sample-png", "reconstruct"):
+        assert results[name].returncode == 2
+        assert "not images" in results[name].stderr and "Traceback" not in results[name].stderr
+    ok(vaekit_run(["decode", "RUN", "z.npy", "--npy", "d.npy"], tmp_path))
+    assert np.load(tmp_path / "d.npy").shape == (24, 6)

@@ -103,7 +103,9 @@ def _build() -> argparse.ArgumentParser:
         "vaekit sample runs/digits-20260101-120000 -n 64 -o samples.png",
     )
     s.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
-    s.add_argument("-o", "--out", metavar="PNG", help="image grid to write (default: RUN/samples.png)")
+    s.add_argument(
+        "-o", "--out", metavar="PNG", help="image grid to write (default: RUN/samples.png, none if only --npy is given)"
+    )
     s.add_argument("--npy", metavar="FILE", help="also write the images as a .npy array")
     s.add_argument("--seed", type=int, default=0)
 
@@ -136,7 +138,9 @@ def _build() -> argparse.ArgumentParser:
         "vaekit decode runs/digits-20260101-120000 latents.npy -o decoded.png",
     )
     d.add_argument("latents", metavar="LATENTS", help=".npy of shape (N, latent), or the output of 'encode'")
-    d.add_argument("-o", "--out", metavar="PNG", help="image grid to write (default: RUN/decoded.png)")
+    d.add_argument(
+        "-o", "--out", metavar="PNG", help="image grid to write (default: RUN/decoded.png, none if only --npy is given)"
+    )
     d.add_argument("--npy", metavar="FILE", help="also write the decoded images as a .npy array")
 
     run_command("plot", "draw all plots of a run into RUN/plots", "vaekit plot runs/digits-20260101-120000")
@@ -154,8 +158,15 @@ def _train(a: argparse.Namespace) -> None:
     print(run.dir)
 
 
-def _default(a: argparse.Namespace, name: str) -> Path:
-    return Path(a.out) if a.out else Path(a.run) / name
+def _default(a: argparse.Namespace, name: str) -> Path | None:
+    """-o if given; else no picture when only --npy was asked for; else RUN/name."""
+    if a.out:
+        return Path(a.out)
+    return None if getattr(a, "npy", None) else Path(a.run) / name
+
+
+def _wrote(*paths: Path | str | None) -> str:
+    return "wrote " + " and ".join(str(p) for p in paths if p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             path = _default(args, "samples.png")
             uses.sample(args.run, args.n, seed=args.seed, out=path, npy=args.npy)
-            print(f"wrote {path}" + (f" and {args.npy}" if args.npy else ""))
+            print(_wrote(path, args.npy))
         elif args.command == "reconstruct":
             path = _default(args, "reconstructions.png")
             uses.reconstruct(args.run, args.n, split=args.split, out=path)
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "decode":
             path = _default(args, "decoded.png")
             images = uses.decode(args.run, args.latents, out=path, npy=args.npy)
-            print(f"wrote {path} ({len(images)} images)" + (f" and {args.npy}" if args.npy else ""))
+            print(f"{_wrote(path, args.npy)} ({len(images)} decoded)")
         elif args.command == "plot":
             for path in uses.plot(args.run):
                 print(path)

@@ -24,7 +24,7 @@ def _is_image(shape: tuple[int, ...]) -> bool:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
     if not _is_image(tuple(images.shape[1:])):
-        raise VaekitError("this model's data are not images; write them with --npy instead")
+        raise VaekitError("this model's data are not images, so there is no picture to draw; use --npy instead")
     from torchvision.utils import save_image
 
     with atomic_path(path) as tmp:
@@ -72,6 +72,8 @@ def reconstruct(
     x = _split(cfg, split)[0][:n]
     recon = model.decode(model.encode(x)[0])
     if out is not None:
+        if not _is_image(model.shape):
+            raise VaekitError("this model's data are not images, so there is no picture to draw")
         figures.image_panels([("originals", x), ("reconstructions", recon)], out, nrow=8)
     return x, recon
 
