@@ -145,13 +145,19 @@ def main() -> None:
                     else run_vaekit(root, a.epochs, Path(tmp) / f"run{r}")
                 )
                 results[name].append(rows)
-    per_epoch = {k: statistics.median(row["seconds"] for rows in v for row in rows) for k, v in results.items()}
+    seconds = {k: [row["seconds"] for rows in v for row in rows] for k, v in results.items()}
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    fastest = {k: min(v) for k, v in seconds.items()}
     final = {k: statistics.mean(rows[-1]["test_loss"] for rows in v) for k, v in results.items()}
     print()
-    print(f"{'':10s} {'s/epoch (median)':>18s} {'test loss after ' + str(a.epochs):>22s}")
+    print(f"{'':10s} {'s/epoch median':>15s} {'s/epoch fastest':>16s} {'test loss after ' + str(a.epochs):>22s}")
     for k in results:
-        print(f"{k:10s} {per_epoch[k]:18.2f} {final[k]:22.2f}")
-    print(f"speed-up (tutorial / vaekit seconds per epoch): {per_epoch['tutorial'] / per_epoch['vaekit']:.2f}x")
+        print(f"{k:10s} {median[k]:15.2f} {fastest[k]:16.2f} {final[k]:22.2f}")
+    # The fastest epochs are the least disturbed by other work on a shared machine; both ratios are printed.
+    print(
+        f"speed-up (tutorial / vaekit seconds per epoch): {median['tutorial'] / median['vaekit']:.2f}x median, "
+        f"{fastest['tutorial'] / fastest['vaekit']:.2f}x fastest"
+    )
     print(f"test loss difference (vaekit - tutorial): {final['vaekit'] - final['tutorial']:+.2f} nats")
 
 
