@@ -480,6 +480,6 @@ def test_tabular_data_through_every_command(tmp_path):
     assert not (tmp_path / "RUN" / "samples.png").exists()
     for name in ("sample-png", "reconstruct"):
         assert results[name].returncode == 2
-        assert "not images" in results[name].stderr and "Traceback" not in results[name].stderr
+        assert "not grey or RGB images" in results[name].stderr and "Traceback" not in results[name].stderr
     ok(vaekit_run(["decode", "RUN", "z.npy", "--npy", "d.npy"], tmp_path))
     assert np.load(tmp_path / "d.npy").shape == (24, 6)

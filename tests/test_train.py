@@ -11,7 +11,7 @@ import vaekit
 
 def test_training_on_digits_beats_bound_and_baseline(digits, tmp_path):
     """30 epochs on digits bring the test loss under 26 nats and under an independent-pixel model."""
-    run = vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=30, plots=False, verbose=False)
+    run = vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=30, verbose=False)
     first, last = run.metrics[0]["test_loss"], run.metrics[-1]["test_loss"]
     train_x, test_x = digits.split("train").x, digits.split("test").x
     pixel_means = train_x.mean(0, keepdim=True).clamp(1e-4, 1 - 1e-4).expand_as(test_x)
@@ -24,7 +24,7 @@ def test_training_on_digits_beats_bound_and_baseline(digits, tmp_path):
 
 def test_run_directory_and_metrics(digits, tmp_path):
     """A run directory holds the resolved config, weights, description and one metrics line per epoch."""
-    run = vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=3, plots=False, verbose=False)
+    run = vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=3, verbose=False)
     names = {p.name for p in run.dir.iterdir()}
     assert {"config.toml", "model.safetensors", "model.json", "metrics.jsonl"} <= names
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
@@ -37,7 +37,7 @@ def test_run_directory_and_metrics(digits, tmp_path):
 
 def test_save_load_reproduces_outputs_exactly(digits, tmp_path):
     """encode and decode of a loaded model equal the trained model's bit for bit."""
-    run = vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=2, latent=3, plots=False, verbose=False)
+    run = vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=2, latent=3, verbose=False)
     loaded = vaekit.load(run.dir)
     x = digits.split("test").x
     trained = run.model.cpu().eval()
@@ -50,7 +50,7 @@ def test_save_load_reproduces_outputs_exactly(digits, tmp_path):
 
 def test_same_seed_same_weights(digits, tmp_path):
     """Two runs with one seed give identical weights; another seed does not."""
-    kw = dict(dataset=digits, epochs=2, plots=False, verbose=False)
+    kw = dict(dataset=digits, epochs=2, verbose=False)
     a = vaekit.train("digits", out=tmp_path / "a", seed=5, **kw).model.state_dict()
     b = vaekit.train("digits", out=tmp_path / "b", seed=5, **kw).model.state_dict()
     c = vaekit.train("digits", out=tmp_path / "c", seed=6, **kw).model.state_dict()
@@ -60,15 +60,15 @@ def test_same_seed_same_weights(digits, tmp_path):
 
 def test_dynamic_binarisation_trains(tmp_path):
     """With dynamic binarisation the model learns from 0/1 samples and its test loss falls."""
-    run = vaekit.train("digits", out=tmp_path / "run", binarize=True, epochs=10, plots=False, verbose=False)
+    run = vaekit.train("digits", out=tmp_path / "run", binarize=True, epochs=10, verbose=False)
     assert run.metrics[-1]["test_loss"] < run.metrics[0]["test_loss"]
 
 
 def test_existing_run_is_not_overwritten(digits, tmp_path):
     """Training into a directory that already holds a run is refused."""
-    vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=1, plots=False, verbose=False)
+    vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=1, verbose=False)
     with pytest.raises(vaekit.VaekitError, match="already holds a run"):
-        vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=1, plots=False, verbose=False)
+        vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=1, verbose=False)
 
 
 def test_seed_preset_on_mnist(mnist_root, tmp_path):
@@ -80,7 +80,6 @@ def test_seed_preset_on_mnist(mnist_root, tmp_path):
         root=str(mnist_root),
         download=False,
         device="cpu",
-        plots=False,
         verbose=False,
     )
     assert run.model.shape == (1, 28, 28)
@@ -96,7 +95,7 @@ def test_run_finds_relative_data_from_elsewhere(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     np.save("x.npy", np.random.default_rng(0).random((50, 4, 4), dtype=np.float32))
-    vaekit.train("digits", out="run", data="x.npy", epochs=1, plots=False, verbose=False)
+    vaekit.train("digits", out="run", data="x.npy", epochs=1, verbose=False)
     monkeypatch.chdir(tmp_path / "b")
     mean, logvar, labels = vaekit.encode(tmp_path / "a" / "run")
     assert mean.shape == (10, 2) and labels is None

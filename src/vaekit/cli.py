@@ -21,9 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        sizes = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+        sizes = []
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
+    return sizes
 
 
 def _build() -> argparse.ArgumentParser:
@@ -39,7 +42,9 @@ def _build() -> argparse.ArgumentParser:
         description="Train a VAE. Settings come from a preset, then --config, then the flags.",
         epilog="example: vaekit train --preset seed --data-dir ~/data --epochs 5",
     )
-    t.add_argument("--preset", help=f"starting configuration: {', '.join(PRESETS)} (default: digits)")
+    t.add_argument(
+        "--preset", help=f"starting configuration: {', '.join(PRESETS)} (default: the config file's, else digits)"
+    )
     t.add_argument("--config", metavar="FILE", help="a TOML file with [data], [model], [train] tables")
     # Flags whose dest is a dotted config key become overrides as they are.
     t.add_argument(
@@ -107,7 +112,7 @@ def _build() -> argparse.ArgumentParser:
         "-o", "--out", metavar="PNG", help="image grid to write (default: RUN/samples.png, none if only --npy is given)"
     )
     s.add_argument("--npy", metavar="FILE", help="also write the images as a .npy array")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the draws (default: 0)")
 
     r = run_command(
         "reconstruct",
@@ -154,7 +159,13 @@ def _train(a: argparse.Namespace) -> None:
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
     overrides.update({k: v for k, v in vars(a).items() if "." in k and v is not None})
     cfg = make_config(a.preset, a.config, overrides)
-    run = train(cfg, a.out, plots=not a.no_plots, verbose=not a.quiet)
+    run = train(cfg, a.out, verbose=not a.quiet)
+    if not a.no_plots:
+        from .uses import plot
+
+        plot(run.dir, model=run.model, data=run.data)
+        if not a.quiet:
+            print(f"plots: {run.dir / 'plots'}")
     print(run.dir)
 
 
@@ -200,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"vaekit: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # Sizes a user asked for (huge images, layers or sample counts) can exhaust memory: their error, not a bug.
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "not enough memory" in str(e)):
+            raise
+        if args.debug:
+            raise
+        print(
+            f"vaekit: error: out of memory ({str(e).splitlines()[0] if str(e) else 'allocation failed'})",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("vaekit: interrupted", file=sys.stderr)

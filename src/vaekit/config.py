@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -93,6 +94,10 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check one value against the type of its default, converting ints to floats where a float is wanted."""
+    if isinstance(value, str) and not isinstance(default, str):
+        # Text from the command line ('5', '[512, 256]', 'true') is read as a TOML value.
+        with contextlib.suppress(tomllib.TOMLDecodeError):
+            value = tomllib.loads(f"v = {value}")["v"]
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -136,6 +141,14 @@ def preset(name: str) -> Config:
     return cfg
 
 
+def from_dict(raw: dict[str, Any]) -> Config:
+    """A validated Config from nested dictionaries such as a run's config.toml (missing keys keep defaults)."""
+    cfg = Config()
+    _merge(cfg, raw)
+    validate(cfg)
+    return cfg
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file into nested dictionaries, with user-facing errors."""
     path = Path(path)
@@ -148,15 +161,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """Split 'section.key=value' into a dotted key and a TOML-typed value (bare words are strings)."""
+    """Split 'section.key=value' into a dotted key and the value as text (typed later by the key's type)."""
     key, sep, raw = text.partition("=")
     if not sep or "." not in key:
         raise VaekitError(f"override '{text}' must look like section.key=value, e.g. train.epochs=5")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), raw
 
 
 def _dotted(key: str) -> str:
@@ -204,6 +213,7 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size >= 1, "an integer >= 1"),
         ("train.eval_batch_size", cfg.train.eval_batch_size >= 1, "an integer >= 1"),
         ("train.lr", 0 < cfg.train.lr < math.inf, "a finite number > 0"),
+        ("train.seed", 0 <= cfg.train.seed < 2**63, "an integer from 0 to 2**63 - 1"),
         ("model.latent", cfg.model.latent >= 1, "an integer >= 1"),
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
         ("data.image_size", cfg.data.image_size >= 1, "an integer >= 1"),

@@ -84,7 +84,8 @@ def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Spli
             how = "the download failed" if cfg.download else "download is switched off"
             raise VaekitError(
                 f"{class_name} files not found in {raw} and {how} ({str(e).splitlines()[0]}); "
-                f"copy the four *-ubyte.gz files there or pass --data-dir to a folder holding {class_name}/raw"
+                f"copy the four *-ubyte.gz files there, or train with --data-dir set to a folder holding "
+                f"{class_name}/raw"
             ) from None
         splits[split] = Split(ds.data.float().div_(255).unsqueeze(1), ds.targets.long())
     return splits
@@ -122,7 +123,7 @@ def _binarized_mnist(cfg: DataConfig, root: Path) -> dict[str, Split]:
         if not found:
             raise VaekitError(
                 f"{name} (or {name}.gz) not found in {folder}; download is switched off, "
-                "so put the Larochelle binarized MNIST files there or pass --data-dir"
+                "so put the Larochelle binarized MNIST files there, or train with --data-dir pointing to their parent"
             )
         splits[split] = Split(_read_amat(found[0]))
     return splits
@@ -140,6 +141,8 @@ SOURCES = {
 def _split(x: torch.Tensor, y: torch.Tensor | None, test_fraction: float) -> dict[str, Split]:
     """A fixed random train/test split, the same on every machine."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    if len(x) < 2:
+        raise VaekitError(f"only {len(x)} example: at least 2 are needed for a train and a test split")
     n_test = max(1, round(len(x) * test_fraction))
     if len(x) - n_test < 1:
         raise VaekitError(
@@ -165,7 +168,7 @@ def _as_examples(x: torch.Tensor, what: str) -> torch.Tensor:
     """Bring an array to (N, C, H, W) or (N, D): (N, H, W) gains a channel, channels-last moves first."""
     if x.ndim == 3:
         return x.unsqueeze(1)
-    if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         return x.permute(0, 3, 1, 2).contiguous()
     if x.ndim in (2, 4):
         return x
@@ -198,16 +201,31 @@ def _arrays(cfg: DataConfig, path: Path) -> dict[str, Split]:
             x = _as_examples(_as_float(arrays[f"x_{split}"], f"{path}:x_{split}"), f"{path}:x_{split}")
             splits[split] = Split(x, _labels(arrays.get(f"y_{split}"), len(x), f"{path}:y_{split}"))
         return splits
-    key = "x" if "x" in arrays else next(iter(arrays), None)
+    key = "x" if "x" in arrays else (next(iter(arrays)) if len(arrays) == 1 else None)
     if key is None:
-        raise VaekitError(f"{path} holds no arrays")
+        raise VaekitError(f"{path} must hold an array 'x' (or x_train and x_test); found {', '.join(arrays) or 'none'}")
     x = _as_examples(_as_float(arrays[key], f"{path}:{key}"), f"{path}:{key}")
     return _split(x, _labels(arrays.get("y"), len(x), f"{path}:y"), cfg.test_fraction)
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _pixels(im, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """One PIL image as a (channels, H, W) float tensor in [0, 1], resized."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit and float images would be clipped to 8 bits by convert(); scale them to [0, 1] first.
+        scale = 65535.0 if im.mode.startswith("I") else 1.0
+        grey = Image.fromarray(np.asarray(im, dtype=np.float32) / scale, mode="F").resize(size, Image.BILINEAR)
+        return torch.from_numpy(np.array(grey, dtype=np.float32)).unsqueeze(0).repeat(channels, 1, 1)
+    return pil_to_tensor(im.convert("L" if channels == 1 else "RGB").resize(size, Image.BILINEAR)).float() / 255
+
+
 def _image_folder(cfg: DataConfig, path: Path) -> dict[str, Split]:
     from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.functional import pil_to_tensor
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
@@ -220,10 +238,9 @@ def _image_folder(cfg: DataConfig, path: Path) -> dict[str, Split]:
                 images.append(im.copy())
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise VaekitError(f"cannot read image {f}: {e}") from None
-    channels = cfg.channels or (3 if any(im.mode not in ("1", "L", "LA", "I", "I;16", "F") for im in images) else 1)
+    channels = cfg.channels or (3 if any(im.mode not in GREY_MODES for im in images) else 1)
     size = (cfg.image_size, cfg.image_size)
-    mode = "L" if channels == 1 else "RGB"
-    x = torch.stack([pil_to_tensor(im.convert(mode).resize(size, Image.BILINEAR)) for im in images]).float() / 255
+    x = torch.stack([_pixels(im, channels, size) for im in images])
     # Labels come from sub-folder names, as in torchvision's ImageFolder, when every image sits in one.
     parents = [f.parent for f in files]
     y = None
@@ -237,7 +254,7 @@ def _check(splits: dict[str, Split], name: str) -> None:
     """Refuse data a VAE cannot learn from: empty, non-finite, or outside [0, 1]."""
     shape = None
     for split, s in splits.items():
-        if len(s.x) == 0:
+        if len(s.x) == 0 or s.x[0].numel() == 0:
             raise VaekitError(f"data '{name}': split '{split}' is empty")
         if not torch.isfinite(s.x).all():
             raise VaekitError(f"data '{name}': split '{split}' contains NaN or infinite values")

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .config import Config, ModelConfig, _merge, read_toml, validate
+from .config import Config, from_dict, read_toml
 from .errors import VaekitError
 from .model import VAE
 
@@ -33,21 +33,29 @@ FORMAT = "vaekit-model"
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside path; on success it is renamed to path, on failure removed."""
     path = Path(path)
-    if path.is_dir():
-        raise VaekitError(f"cannot write {path}: it is a directory")
+    check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
     except OSError as e:
-        raise VaekitError(f"cannot create the folder for {path}: {e}") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+        raise VaekitError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise VaekitError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def check_writable(*paths: str | Path | None) -> None:
+    """Refuse output paths that name a folder, a device or anything else that is not a regular file."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not Path(path).is_file():
+            raise VaekitError(f"cannot write {path}: it exists and is not a regular file")
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -88,10 +96,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
         shape = tuple(int(s) for s in desc["shape"])
         if not shape or min(shape) < 1:
             raise ValueError(f"bad shape {shape}")
-        config = ModelConfig()
-        cfg = Config(model=config)
-        _merge(cfg, {"model": desc["model"]})
-        validate(cfg)
+        config = from_dict({"model": desc["model"]}).model
     except (KeyError, TypeError, ValueError) as e:
         raise VaekitError(f"{desc_path} is incomplete or malformed ({e})") from None
     model = VAE(shape, config)
@@ -113,11 +118,7 @@ def load_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise VaekitError(f"{run_dir} is not a vaekit run: {CONFIG} is missing")
-    raw = read_toml(path)
-    cfg = Config(preset=str(raw.pop("preset", "digits")))
-    _merge(cfg, raw)
-    validate(cfg)
-    return cfg
+    return from_dict(read_toml(path))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -127,5 +128,5 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         return []
     try:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VaekitError(f"cannot read {path}: {e}") from None

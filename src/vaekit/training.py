@@ -28,8 +28,8 @@ class Run:
     dir: Path
     config: Config
     model: VAE
+    data: Dataset
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    plots: list[Path] = field(default_factory=list)
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,9 +43,13 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise VaekitError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise VaekitError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VaekitError("device 'cuda' requested but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise VaekitError(f"device '{name}' requested but there are {torch.cuda.device_count()} CUDA GPUs")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise VaekitError("device 'mps' requested but MPS is not available")
     return device
@@ -63,9 +67,12 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VaekitError(f"--out {out} is a file, not a directory")
-    if (out / DESCRIPTION).exists() or (out / CONFIG).exists():
+    if (out / DESCRIPTION).exists():
         raise VaekitError(f"{out} already holds a run; pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VaekitError(f"cannot create the run directory {out}: {e.strerror or e}") from None
     return out
 
 
@@ -74,28 +81,32 @@ def train(
     out: str | Path | None = None,
     *,
     dataset: Dataset | None = None,
-    plots: bool = True,
     verbose: bool = True,
     **overrides: Any,
 ) -> Run:
     """Train a VAE from a preset name or a Config, with overrides such as epochs=5, and save it as a run directory."""
     cfg = make_config(config, overrides=overrides) if isinstance(config, str) else override(config, overrides)
+    # Names are checked before the data is loaded, which can take a while.
     nets.activation(cfg.model.activation)
     likelihoods.get(cfg.model.likelihood)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = dataset if dataset is not None else load_data(cfg.data)
+    # The run records absolute paths so that later commands find its data from any directory.
     if cfg.data.name not in SOURCES and Path(cfg.data.name).expanduser().exists():
-        # The run records where its data came from so that later commands find it from any directory.
         cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())
-    run_dir = _run_dir(out, cfg)
-    write_text(run_dir / CONFIG, cfg.to_toml())
-    say = print if verbose else (lambda *a, **k: None)
-    say(f"run directory: {run_dir}")
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.channels == 0 and Path(cfg.data.name).is_dir():
+        cfg.data.channels = data.shape[0]
 
     x_train = data.split("train").x.to(device)
     x_test = data.split("test").x.to(device)
     model = VAE(data.shape, cfg.model).to(device)
+    run_dir = _run_dir(out, cfg)
+    write_text(run_dir / CONFIG, cfg.to_toml())
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"run directory: {run_dir}")
     # The fused kernel is the same Adam update in one pass over the parameters: on a CPU it cuts the step time by half.
     fused = device.type in ("cpu", "cuda") or None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=fused)
@@ -133,10 +144,4 @@ def train(
         if epoch % report_every == 0 or epoch in (1, cfg.train.epochs):
             say(f"epoch {epoch:3d}  train loss {train_loss:9.4f}  test loss {test_loss:9.4f}  ({seconds:.2f} s)")
 
-    run = Run(run_dir, cfg, model, metrics)
-    if plots:
-        from .uses import plot
-
-        run.plots = plot(run_dir, model=model, data=data)
-        say(f"plots: {run_dir / 'plots'}")
-    return run
+    return Run(run_dir, cfg, model, data, metrics)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +16,22 @@ from .data import Dataset, load_data
 from .errors import VaekitError
 from .evaluate import encode_all
 from .model import VAE
-from .rundir import PLOTS, atomic_path, load, load_config, read_metrics, write_bytes
+from .rundir import PLOTS, atomic_path, check_writable, load, load_config, read_metrics, write_bytes
+
+
+def _require_images(shape: tuple[int, ...]) -> None:
+    """Refuse to draw examples that are not grey or RGB images."""
+    if not _is_image(shape):
+        raise VaekitError("this model's data are not grey or RGB images, so there is no picture to draw; use --npy")
 
 
 def _is_image(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 3
+    return len(shape) == 3 and shape[0] in (1, 3)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
-    if not _is_image(tuple(images.shape[1:])):
-        raise VaekitError("this model's data are not images, so there is no picture to draw; use --npy instead")
+    _require_images(tuple(images.shape[1:]))
     from torchvision.utils import save_image
 
     with atomic_path(path) as tmp:
@@ -40,8 +47,16 @@ def save_array(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
     return Path(path)
 
 
-def _split(cfg: Config, split: str, data: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _examples(
+    model: VAE, cfg: Config, split: str, data: Dataset | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A split of the run's data set, checked against the shape the model was trained on."""
     s = (data if data is not None else load_data(cfg.data)).split(split)
+    if tuple(s.x.shape[1:]) != model.shape:
+        raise VaekitError(
+            f"the data '{cfg.data.name}' now has examples of shape {tuple(s.x.shape[1:])}, "
+            f"but the model was trained on {model.shape}"
+        )
     return s.x, s.y
 
 
@@ -52,6 +67,9 @@ def sample(
     """Decoded draws from the prior of a trained run, optionally written as a PNG grid and/or .npy."""
     if n < 1:
         raise VaekitError(f"the number of samples must be at least 1, got {n}")
+    if not 0 <= seed < 2**63:
+        raise VaekitError(f"the seed must be an integer from 0 to 2**63 - 1, got {seed}")
+    check_writable(out, npy)
     model = load(run)
     images = model.sample(n, torch.Generator().manual_seed(seed))
     if out is not None:
@@ -69,11 +87,10 @@ def reconstruct(
     if n < 1:
         raise VaekitError(f"the number of examples must be at least 1, got {n}")
     model, cfg = load(run), load_config(run)
-    x = _split(cfg, split)[0][:n]
+    x = _examples(model, cfg, split)[0][:n]
     recon = model.decode(model.encode(x)[0])
     if out is not None:
-        if not _is_image(model.shape):
-            raise VaekitError("this model's data are not images, so there is no picture to draw")
+        _require_images(model.shape)
         figures.image_panels([("originals", x), ("reconstructions", recon)], out, nrow=8)
     return x, recon
 
@@ -84,7 +101,7 @@ def encode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Posterior means, log-variances and labels for a whole split; out receives an (N, 2, latent) .npy array."""
     model, cfg = load(run), load_config(run)
-    x, y = _split(cfg, split)
+    x, y = _examples(model, cfg, split)
     mean, logvar = encode_all(model, x, cfg.train.eval_batch_size)
     if out is not None:
         if str(out).endswith(".npz"):
@@ -100,15 +117,18 @@ def encode(
 
 
 def read_latents(path: str | Path, latent: int) -> torch.Tensor:
-    """Latent codes from a .npy file: (N, latent) codes, or encode's (N, 2, latent) output whose means are used."""
+    """Latent codes from (N, latent) codes in a .npy file, or from encode's output (.npy or .npz), using its means."""
     try:
         z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.ndarray):
+            with z:
+                z = z["mean"] if "mean" in z.files else None
     except FileNotFoundError:
         raise VaekitError(f"latents file not found: {path}") from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise VaekitError(f"cannot read {path} as a .npy array: {str(e).splitlines()[0]}") from None
-    if not isinstance(z, np.ndarray) or not np.issubdtype(z.dtype, np.number):
-        raise VaekitError(f"{path} must hold one numeric array")
+    if z is None or not (np.issubdtype(z.dtype, np.floating) or np.issubdtype(z.dtype, np.integer)):
+        raise VaekitError(f"{path} must hold one array of real numbers (or an .npz with 'mean')")
     if z.ndim == 3 and z.shape[1:] == (2, latent):
         z = z[:, 0]
     if z.ndim != 2 or z.shape[1] != latent or len(z) == 0:
@@ -127,6 +147,7 @@ def decode(
     npy: str | Path | None = None,
 ) -> torch.Tensor:
     """Decode latent codes (a tensor or a .npy file) of a trained run, optionally writing a PNG grid and/or .npy."""
+    check_writable(out, npy)
     model = load(run)
     z = latents if isinstance(latents, torch.Tensor) else read_latents(latents, model.latent)
     images = model.decode(z)
@@ -161,8 +182,11 @@ def plot(run: str | Path, *, model: VAE | None = None, data: Dataset | None = No
     """Draw every plot of a run into RUN/plots and return their paths."""
     run = Path(run)
     cfg = load_config(run)
-    model = (model if model is not None else load(run)).cpu().eval()
-    x, y = _split(cfg, "test", data)
+    model = model if model is not None else load(run)
+    if model.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    model.eval()
+    x, y = _examples(model, cfg, "test", data)
     out = run / PLOTS
     made = []
     metrics = read_metrics(run)
@@ -171,8 +195,8 @@ def plot(run: str | Path, *, model: VAE | None = None, data: Dataset | None = No
     mean, _ = encode_all(model, x)
     if model.latent == 1:
         z2, title = torch.cat([mean, torch.zeros_like(mean)], 1).numpy(), "test set in latent space (1-D)"
-    elif model.latent == 2:
-        z2, title = mean.numpy(), "test set in latent space"
+    elif model.latent == 2 or len(mean) < 2:
+        z2, title = mean[:, :2].numpy(), "test set in latent space"
     else:
         from sklearn.decomposition import PCA
 
