@@ -110,7 +110,7 @@ def test_train_writes_a_complete_run_directory(trained):
         # a negative ELBO with a Bernoulli likelihood is a cross-entropy plus a KL: finite and positive
         assert np.isfinite(m["train_loss"]) and m["train_loss"] > 0
         assert np.isfinite(m["test_loss"]) and m["test_loss"] > 0
-        assert m["seconds"] >= 0
+        assert m["seconds"] > 0
     assert set(trained["plots_after_train"]) == PLOT_NAMES
     for name, head in trained["plots_after_train"].items():
         assert head == PNG_SIGNATURE, name
@@ -335,13 +335,19 @@ def _decode(latents: np.ndarray | None) -> Case:
 
 def _train_out_is_a_file(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
     (tmp / "afile").write_text("keep me")
-    return ["train", "--epochs", "1", "--no-plots", "--out", str(tmp / "afile")], [], tmp / "afile"
+    return ["train", "--epochs", "1", "--no-plots", "--out", str(tmp / "afile")], [], None
 
 
 def _sample_out_is_a_folder(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
     (tmp / "afolder").mkdir()
     npy = tmp / "s.npy"
     return ["sample", str(run), "-n", "4", "-o", str(tmp / "afolder"), "--npy", str(npy)], [npy], None
+
+
+def _sample_npy_is_a_folder(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+    (tmp / "adir").mkdir()
+    png = tmp / "s.png"
+    return ["sample", str(run), "-n", "4", "-o", str(png), "--npy", str(tmp / "adir")], [png], None
 
 
 def _with_nan(a: np.ndarray) -> np.ndarray:
@@ -391,6 +397,7 @@ BAD_INPUTS = [
     pytest.param(_train("--lr", "inf"), id="lr-infinite"),
     pytest.param(_train_out_is_a_file, id="train-out-is-a-file"),
     pytest.param(_sample_out_is_a_folder, id="sample-out-is-a-folder"),
+    pytest.param(_sample_npy_is_a_folder, id="sample-npy-is-a-folder-png-not-written"),
 ]
 
 # Bad inputs also run as real `python -m vaekit` processes, one of each kind of failure.
@@ -483,3 +490,16 @@ def test_tabular_data_through_every_command(tmp_path):
         assert "not grey or RGB images" in results[name].stderr and "Traceback" not in results[name].stderr
     ok(vaekit_run(["decode", "RUN", "z.npy", "--npy", "d.npy"], tmp_path))
     assert np.load(tmp_path / "d.npy").shape == (24, 6)
+
+
+def test_data_changed_since_training_is_refused(tmp_path):
+    """When a run's data file now holds examples of another shape, encode and plot exit 2 instead of crashing."""
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "x.npy", rng.random((40, 4, 4), dtype=np.float32))
+    ok(vaekit_run(["train", "--data", "x.npy", "--epochs", "1", "--no-plots", "--out", "RUN"], tmp_path))
+    np.save(tmp_path / "x.npy", rng.random((40, 5, 5), dtype=np.float32))
+    results = vaekit_run_all({"encode": ["encode", "RUN", "-o", "z.npy"], "plot": ["plot", "RUN"]}, tmp_path)
+    for result in results.values():
+        assert result.returncode == 2
+        assert len(result.stderr.splitlines()) == 1 and "trained on (1, 4, 4)" in result.stderr
+    assert not (tmp_path / "z.npy").exists()

@@ -404,3 +404,26 @@ def test_digits_default_split_is_deterministic_and_partitions_the_data():
     x, y = _combined(a)
     bunch = load_digits()
     assert _rows(x.numpy(), y.numpy()) == _rows(bunch.images / 16.0, bunch.target)
+
+
+def test_image_modes_keep_their_values(tmp_path):
+    """16-bit grey keeps its full range, palette and RGBA images give their true colours (values set by hand)."""
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    Image.fromarray(np.full((6, 6), 1000, np.uint16)).save(folder / "a_low16.png")
+    Image.fromarray(np.full((6, 6), 40000, np.uint16)).save(folder / "b_high16.png")
+    palette = Image.new("P", (6, 6), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    palette.save(folder / "c_palette.png")
+    Image.new("RGBA", (6, 6), (10, 20, 30, 128)).save(folder / "d_rgba.png")
+    data = vaekit.load_data(vaekit.DataConfig(name=str(folder), image_size=4, test_fraction=0.25))
+    x = torch.cat([data.split("train").x, data.split("test").x])
+    assert x.shape == (4, 3, 4, 4)
+    colours = {tuple(round(v, 4) for v in img[:, 0, 0].tolist()) for img in x}
+    expected = {
+        (round(1000 / 65535, 4),) * 3,
+        (round(40000 / 65535, 4),) * 3,
+        (round(200 / 255, 4), round(100 / 255, 4), round(50 / 255, 4)),
+        (round(10 / 255, 4), round(20 / 255, 4), round(30 / 255, 4)),
+    }
+    assert colours == expected
