@@ -216,7 +216,7 @@ def validate(cfg: Config) -> None:
         ("train.seed", 0 <= cfg.train.seed < 2**63, "an integer from 0 to 2**63 - 1"),
         ("model.latent", cfg.model.latent >= 1, "an integer >= 1"),
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
-        ("data.image_size", cfg.data.image_size >= 1, "an integer >= 1"),
+        ("data.image_size", 1 <= cfg.data.image_size <= 4096, "an integer from 1 to 4096"),
         ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),
         ("data.test_fraction", 0 < cfg.data.test_fraction < 1, "a number between 0 and 1"),
     ]

@@ -45,6 +45,7 @@ class MLPEncoder(nn.Module):
         self.net = mlp([math.prod(in_shape), *hidden, 2 * latent], act)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance, each (batch, latent)."""
         mean, logvar = self.net(x.flatten(1)).chunk(2, dim=-1)
         return mean, logvar
 
@@ -58,4 +59,5 @@ class MLPDecoder(nn.Module):
         self.net = mlp([latent, *hidden, math.prod(out_shape)], act)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters, (batch, *out_shape)."""
         return self.net(z).view(-1, *self.out_shape)

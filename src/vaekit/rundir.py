@@ -127,6 +127,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VaekitError(f"cannot read {path}: {e}") from None
+    keys = ("epoch", "train_loss", "test_loss", "seconds")
+    if not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in keys) for r in rows):
+        raise VaekitError(f"{path} has lines without numeric {', '.join(keys)}")
+    return rows
