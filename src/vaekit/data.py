@@ -83,12 +83,18 @@ def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Spli
         except Exception as e:  # torchvision raises bare RuntimeErrors and URLErrors for missing files
             how = "the download failed" if cfg.download else "download is switched off"
             raise VaekitError(
-                f"{class_name} files not found in {raw} and {how} ({str(e).splitlines()[0]}); "
+                f"{class_name} files not found in {raw} and {how} ({_last_line(e)}); "
                 f"copy the four *-ubyte.gz files there, or train with --data-dir set to a folder holding "
                 f"{class_name}/raw"
             ) from None
         splits[split] = Split(ds.data.float().div_(255).unsqueeze(1), ds.targets.long())
     return splits
+
+
+def _last_line(e: Exception) -> str:
+    """The most specific line of a multi-line error message (torchvision lists every mirror it tried)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _read_amat(path: Path) -> torch.Tensor:
@@ -119,7 +125,7 @@ def _binarized_mnist(cfg: DataConfig, root: Path) -> dict[str, Split]:
                 download_url(BINARIZED_MNIST_URL + name, str(folder), name)
                 found = [folder / name]
             except Exception as e:  # urllib and torchvision raise a variety of errors when offline
-                raise VaekitError(f"could not download {name} into {folder}: {str(e).splitlines()[0]}") from None
+                raise VaekitError(f"could not download {name} into {folder}: {_last_line(e)}") from None
         if not found:
             raise VaekitError(
                 f"{name} (or {name}.gz) not found in {folder}; download is switched off, "

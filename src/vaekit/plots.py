@@ -20,7 +20,9 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
-def latent_scatter(z: np.ndarray, labels: np.ndarray | None, path: str | Path, title: str) -> Path:
+def latent_scatter(
+    z: np.ndarray, labels: np.ndarray | None, path: str | Path, title: str, axes: tuple[str, str] = ("z[0]", "z[1]")
+) -> Path:
     """A 2-D scatter of latent codes, coloured by label with a legend when labels are known."""
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.subplots()
@@ -36,8 +38,8 @@ def latent_scatter(z: np.ndarray, labels: np.ndarray | None, path: str | Path, t
             ax.scatter(z[pick, 0], z[pick, 1], s=4, alpha=0.6, label=str(c), color=colour)
         ax.legend(markerscale=3, fontsize="small", title="label", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title)
-    ax.set_xlabel("z[0]")
-    ax.set_ylabel("z[1]")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     return _save(fig, path)
 
 

@@ -193,6 +193,7 @@ def plot(run: str | Path, *, model: VAE | None = None, data: Dataset | None = No
     if metrics:
         made.append(figures.loss_curves(metrics, out / "loss.png"))
     mean, _ = encode_all(model, x)
+    axes = ("z[0]", "z[1]")
     if model.latent == 1:
         z2, title = torch.cat([mean, torch.zeros_like(mean)], 1).numpy(), "test set in latent space (1-D)"
     elif model.latent == 2 or len(mean) < 2:
@@ -201,8 +202,9 @@ def plot(run: str | Path, *, model: VAE | None = None, data: Dataset | None = No
         from sklearn.decomposition import PCA
 
         z2, title = PCA(2).fit_transform(mean.numpy()), f"test set in latent space (PCA of {model.latent} dims)"
+        axes = ("principal component 1", "principal component 2")
     labels = None if y is None else y.numpy()
-    made.append(figures.latent_scatter(z2, labels, out / "latent.png", title))
+    made.append(figures.latent_scatter(z2, labels, out / "latent.png", title, axes))
     if _is_image(model.shape):
         g = torch.Generator().manual_seed(0)
         made.append(figures.image_panels([("samples from the prior", model.sample(64, g))], out / "samples.png", 8))
