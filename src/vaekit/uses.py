@@ -39,10 +39,13 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     return Path(path)
 
 
-def save_array(array: torch.Tensor | np.ndarray, path: str | Path) -> Path:
-    """Write an array as a .npy file."""
+def save_array(path: str | Path, array: torch.Tensor | None = None, **named: torch.Tensor) -> Path:
+    """Write one array as .npy, or named arrays as .npz."""
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array))
+    if array is not None:
+        np.save(buffer, array.detach().cpu().numpy())
+    else:
+        np.savez(buffer, **{k: v.detach().cpu().numpy() for k, v in named.items()})
     write_bytes(path, buffer.getvalue())
     return Path(path)
 
@@ -75,7 +78,7 @@ def sample(
     if out is not None:
         save_grid(images, out)
     if npy is not None:
-        save_array(images, npy)
+        save_array(npy, images)
     return images
 
 
@@ -105,14 +108,9 @@ def encode(
     mean, logvar = encode_all(model, x, cfg.train.eval_batch_size)
     if out is not None:
         if str(out).endswith(".npz"):
-            arrays = {"mean": mean.numpy(), "logvar": logvar.numpy()}
-            if y is not None:
-                arrays["label"] = y.numpy()
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            write_bytes(out, buffer.getvalue())
+            save_array(out, mean=mean, logvar=logvar, **({} if y is None else {"label": y}))
         else:
-            save_array(torch.stack([mean, logvar], dim=1), out)
+            save_array(out, torch.stack([mean, logvar], dim=1))
     return mean, logvar, y
 
 
@@ -154,7 +152,7 @@ def decode(
     if out is not None:
         save_grid(images, out)
     if npy is not None:
-        save_array(images, npy)
+        save_array(npy, images)
     return images
 
 
