@@ -32,21 +32,29 @@ class DataConfig:
     image_size: int = 28  # image folders are resized to this height and width
     channels: int = 0  # image folders: 1 (grey) or 3 (RGB); 0 picks 3 if any image has colour
     test_fraction: float = 0.2  # held-out fraction for sources that come without a test split
+    validation: int = 0  # training examples held out (a fixed random choice) as the 'valid' split
 
 
 @dataclass
 class ModelConfig:
     """The VAE's networks and likelihood; the input shape comes from the data."""
 
-    hidden: list[int] = field(default_factory=lambda: [256])
+    net: str = "mlp"  # mlp, or conv for images (C, H, W)
+    hidden: list[int] = field(default_factory=lambda: [256])  # dense layers (after the convolutions for conv)
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv only: stride-2 convolution widths
     latent: int = 2
+    hidden2: list[int] = field(default_factory=list)  # a second stochastic layer: the dense layers around it
+    latent2: int = 0  # its size; 0 means one stochastic layer
     activation: str = "relu"
-    likelihood: str = "bernoulli"
+    likelihood: str = "bernoulli"  # bernoulli, gaussian or logistic-mixture
+    variance: str = "global"  # gaussian only: fixed, global (one learned value) or per-dim (learned per dimension)
+    sigma: float = 0.1  # gaussian only: the fixed standard deviation, or the initial one when learned
+    mixtures: int = 5  # logistic-mixture only: components per sub-pixel
 
 
 @dataclass
 class TrainConfig:
-    """The optimisation: Adam on the summed negative ELBO of each batch."""
+    """The optimisation: the objective, summed over each batch, minimised by a torch optimizer."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -54,6 +62,16 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     eval_batch_size: int = 1000
+    objective: str = "elbo"  # elbo (averaged over k draws) or iwae (the k-sample importance-weighted bound)
+    k: int = 1  # posterior draws per example
+    beta: float = 1.0  # weight of the KL term (beta-VAE)
+    warmup: int = 0  # epochs over which the KL weight rises linearly from 0 to beta
+    free_bits: float = 0.0  # nats per latent dimension below which the (batch-mean) KL is not penalised
+    optimizer: str = "Adam"  # any torch.optim class, by name
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # its keyword arguments besides lr
+    scheduler: str = ""  # "", burda, or any torch.optim.lr_scheduler class by name; stepped once per epoch
+    scheduler_args: dict[str, Any] = field(default_factory=dict)
+    clip_grad: float = 0.0  # maximum gradient norm; 0 means no clipping
 
 
 @dataclass
@@ -87,6 +105,41 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"hidden": [256], "latent": 2, "activation": "relu", "likelihood": "bernoulli"},
         "train": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "seed": 1},
     },
+    # Burda, Grosse & Salakhutdinov (2015), "Importance Weighted Autoencoders", section 5 and appendix: one stochastic
+    # layer, 784-200-200-50 tanh, dynamically binarised MNIST, batch 20, Adam (beta2 0.999, eps 1e-4), 3^i passes at
+    # lr 0.001 * 10^(-i/7) for i = 0..7 (3,280 passes). Choose objective = elbo or iwae and k with --objective/--k.
+    "iwae-1l": {
+        "data": {"name": "mnist", "binarize": True, "validation": 400},
+        "model": {"hidden": [200, 200], "latent": 50, "activation": "tanh", "likelihood": "bernoulli"},
+        "train": {
+            "epochs": 3280,
+            "batch_size": 20,
+            "lr": 1e-3,
+            "optimizer": "Adam",
+            "optimizer_args": {"betas": [0.9, 0.999], "eps": 1e-4},
+            "scheduler": "burda",
+        },
+    },
+    # The same paper's two-stochastic-layer model: 784-[200,200]-100-[100,100]-50, tanh, same data and schedule.
+    "iwae-2l": {
+        "data": {"name": "mnist", "binarize": True, "validation": 400},
+        "model": {
+            "hidden": [200, 200],
+            "latent": 100,
+            "hidden2": [100, 100],
+            "latent2": 50,
+            "activation": "tanh",
+            "likelihood": "bernoulli",
+        },
+        "train": {
+            "epochs": 3280,
+            "batch_size": 20,
+            "lr": 1e-3,
+            "optimizer": "Adam",
+            "optimizer_args": {"betas": [0.9, 0.999], "eps": 1e-4},
+            "scheduler": "burda",
+        },
+    },
 }
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
@@ -107,6 +160,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = float(value) if ok else value
     elif isinstance(default, list):
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict) and all(isinstance(v, (bool, int, float, str, list)) for v in value.values())
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -216,6 +271,21 @@ def validate(cfg: Config) -> None:
         ("train.seed", 0 <= cfg.train.seed < 2**63, "an integer from 0 to 2**63 - 1"),
         ("model.latent", cfg.model.latent >= 1, "an integer >= 1"),
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
+        ("model.hidden2", all(h >= 1 for h in cfg.model.hidden2), "a list of integers >= 1"),
+        ("model.latent2", cfg.model.latent2 >= 0, "an integer >= 0 (0: one stochastic layer)"),
+        ("model.channels", len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
+         "a non-empty list of integers >= 1"),
+        ("model.net", cfg.model.net in ("mlp", "conv"), "mlp or conv"),
+        ("model.variance", cfg.model.variance in ("fixed", "global", "per-dim"), "fixed, global or per-dim"),
+        ("model.sigma", 0 < cfg.model.sigma < math.inf, "a finite number > 0"),
+        ("model.mixtures", cfg.model.mixtures >= 1, "an integer >= 1"),
+        ("train.objective", cfg.train.objective in ("elbo", "iwae"), "elbo or iwae"),
+        ("train.k", cfg.train.k >= 1, "an integer >= 1"),
+        ("train.beta", 0 <= cfg.train.beta < math.inf, "a finite number >= 0"),
+        ("train.warmup", cfg.train.warmup >= 0, "an integer >= 0"),
+        ("train.free_bits", 0 <= cfg.train.free_bits < math.inf, "a finite number >= 0"),
+        ("train.clip_grad", 0 <= cfg.train.clip_grad < math.inf, "a finite number >= 0 (0: no clipping)"),
+        ("data.validation", cfg.data.validation >= 0, "an integer >= 0"),
         ("data.image_size", 1 <= cfg.data.image_size <= 4096, "an integer from 1 to 4096"),
         ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),
         ("data.test_fraction", 0 < cfg.data.test_fraction < 1, "a number between 0 and 1"),

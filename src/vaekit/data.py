@@ -144,9 +144,16 @@ SOURCES = {
 }
 
 
+def _partition(split: Split, n_out: int) -> tuple[Split, Split]:
+    """A fixed random division of a split, the same on every machine: the rest, and n_out examples held out."""
+    order = torch.randperm(len(split.x), generator=torch.Generator().manual_seed(0))
+    rest, out = order[n_out:], order[:n_out]
+    labels = (lambda idx: None) if split.y is None else (lambda idx: split.y[idx])
+    return Split(split.x[rest], labels(rest)), Split(split.x[out], labels(out))
+
+
 def _split(x: torch.Tensor, y: torch.Tensor | None, test_fraction: float) -> dict[str, Split]:
-    """A fixed random train/test split, the same on every machine."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    """A fixed random train/test split."""
     if len(x) < 2:
         raise VaekitError(f"only {len(x)} example: at least 2 are needed for a train and a test split")
     n_test = max(1, round(len(x) * test_fraction))
@@ -154,11 +161,8 @@ def _split(x: torch.Tensor, y: torch.Tensor | None, test_fraction: float) -> dic
         raise VaekitError(
             f"{len(x)} examples with test_fraction {test_fraction} leave none for training; lower data.test_fraction"
         )
-    test, train = order[:n_test], order[n_test:]
-    return {
-        "train": Split(x[train], None if y is None else y[train]),
-        "test": Split(x[test], None if y is None else y[test]),
-    }
+    train, test = _partition(Split(x, y), n_test)
+    return {"train": train, "test": test}
 
 
 def _as_float(a: np.ndarray, what: str) -> torch.Tensor:
@@ -274,6 +278,18 @@ def _check(splits: dict[str, Split], name: str) -> None:
         shape = s.x.shape[1:]
 
 
+def _hold_out(splits: dict[str, Split], n: int, name: str) -> dict[str, Split]:
+    """Move a fixed random choice of n training examples into a 'valid' split."""
+    if "valid" in splits:
+        raise VaekitError(f"data '{name}' has its own validation split; leave data.validation at 0")
+    if n >= len(splits["train"].x):
+        raise VaekitError(
+            f"data.validation = {n} leaves no training examples (the training split has {len(splits['train'].x)})"
+        )
+    train, valid = _partition(splits["train"], n)
+    return {**splits, "train": train, "valid": valid}
+
+
 def load_data(cfg: DataConfig) -> Dataset:
     """Load the data set cfg names into memory; with cfg.binarize, held-out splits are binarised once."""
     if cfg.name in SOURCES:
@@ -292,6 +308,8 @@ def load_data(cfg: DataConfig) -> Dataset:
                 f"unknown data '{cfg.name}': use one of {', '.join(SOURCES)}, a .npy/.npz file or an image folder"
             )
     _check(splits, cfg.name)
+    if cfg.validation:
+        splits = _hold_out(splits, cfg.validation, cfg.name)
     if cfg.binarize:
         # Held-out splits get one fixed binarisation so that their losses are comparable between runs.
         g = torch.Generator().manual_seed(0)

@@ -1,13 +1,38 @@
-"""The VAE: encoder, reparameterised Gaussian posterior, N(0, I) prior, decoder and likelihood. The ELBO lives here."""
+"""The VAE: encoder, reparameterised Gaussian posterior, N(0, I) prior, decoder and likelihood. The ELBO lives here.
+
+With model.latent2 > 0 the model has a second stochastic layer, as in Burda et al. (2015):
+q(z1|x) q(z2|z1) for inference and p(z2) p(z1|z2) p(x|z1) for generation.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from . import likelihoods
 from .config import ModelConfig
-from .nets import MLPDecoder, MLPEncoder
+from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_normal(z: torch.Tensor, mean: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Elementwise log N(z; mean, exp(logvar))."""
+    logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
+    return -0.5 * (LOG_2PI + logvar + (z - mean).square() * torch.exp(-logvar))
+
+
+def kl_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mean, exp(logvar)) || N(0, 1)), in closed form."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar)
+
+
+def draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A reparameterised draw from N(mean, exp(logvar))."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
 
 
 class VAE(nn.Module):
@@ -17,14 +42,22 @@ class VAE(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         self.config = config
-        self.likelihood = likelihoods.get(config.likelihood)
-        self.encoder = MLPEncoder(self.shape, config.hidden, config.latent, config.activation)
-        out_shape = self.likelihood.params_shape(self.shape)
-        self.decoder = MLPDecoder(config.latent, config.hidden[::-1], out_shape, config.activation)
+        c = config
+        self.likelihood = likelihoods.build(self.shape, c)
+        out_shape = self.likelihood.params_shape()
+        if c.net == "conv":
+            self.encoder: nn.Module = ConvEncoder(self.shape, c.channels, c.hidden, c.latent, c.activation)
+            self.decoder: nn.Module = ConvDecoder(c.latent, c.hidden[::-1], c.channels, out_shape, c.activation)
+        else:
+            self.encoder = MLPEncoder(self.shape, c.hidden, c.latent, c.activation)
+            self.decoder = MLPDecoder(c.latent, c.hidden[::-1], out_shape, c.activation)
+        if c.latent2:
+            self.encoder2 = MLPEncoder((c.latent,), c.hidden2, c.latent2, c.activation)  # q(z2|z1)
+            self.prior1 = MLPEncoder((c.latent2,), c.hidden2[::-1], c.latent, c.activation)  # p(z1|z2)
 
     @property
     def latent(self) -> int:
-        """The number of latent dimensions."""
+        """The number of dimensions of z1, the codes that encode gives and decode takes."""
         return self.config.latent
 
     @property
@@ -33,30 +66,72 @@ class VAE(nn.Module):
         return next(self.parameters()).device
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of q(z|x)."""
+        """Mean and log-variance of q(z1|x), the first latent layer."""
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The expected x under p(x|z) (for images: pixel intensities in [0, 1])."""
+        """The expected x under p(x|z1) (for images: pixel intensities in [0, 1])."""
         return self.likelihood.mean(self.decoder(z))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decoded means of n draws from the prior."""
-        z = torch.randn(n, self.latent, generator=generator, device=self.device)
+        z = torch.randn(n, self.config.latent2 or self.latent, generator=generator, device=self.device)
+        if self.config.latent2:
+            z = draw(*self.prior1(z), generator)
         return self.decode(z)
 
-    def elbo_terms(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+    def terms(
+        self, x: torch.Tensor, k: int = 1, analytic: bool = True, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example log p(x|z) at one reparameterised z ~ q(z|x), and the analytic KL(q(z|x) || N(0, I))."""
+        """log p(x|z), (k, B), and log q(z|x) - log p(z) per latent dimension, (k, B, dims), at k draws z ~ q(z|x).
+
+        With analytic=True the top layer's term is its closed-form KL (lower variance, for the ELBO); otherwise every
+        term is evaluated at the draws, as importance weights need.
+        """
         mean, logvar = self.encoder(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * logvar) * eps
-        log_px = self.likelihood.log_prob(x, self.decoder(z))
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(1)
-        return log_px, kl
+        z1 = z = draw(mean.expand(k, *mean.shape), logvar.expand(k, *logvar.shape), generator)
+        kl = []
+        if self.config.latent2:
+            mean2, logvar2 = self.encoder2(z1)
+            z2 = draw(mean2, logvar2, generator)
+            kl.append(log_normal(z1, mean, logvar) - log_normal(z1, *self.prior1(z2)))
+            mean, logvar, z = mean2, logvar2, z2
+        kl.append(kl_normal(mean, logvar).expand_as(z) if analytic else log_normal(z, mean, logvar) - log_normal(z))
+        return self.likelihood.log_prob(x, self.decoder(z1)), torch.cat(kl, -1)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-example negative ELBO in nats: reconstruction cross-entropy plus KL."""
-        log_px, kl = self.elbo_terms(x, generator)
-        return kl - log_px
+        return objective(self, x, generator=generator)
+
+    @torch.no_grad()
+    def posterior_means(self, x: torch.Tensor, draws: int = 100, generator: torch.Generator | None = None):
+        """E_q[z] of every latent layer, a list of (B, dims): exact for z1, over `draws` draws of z1 for z2."""
+        mean, logvar = self.encoder(x)
+        means = [mean]
+        if self.config.latent2:
+            z1 = draw(mean.expand(draws, *mean.shape), logvar.expand(draws, *logvar.shape), generator)
+            means.append(self.encoder2(z1)[0].mean(0))
+        return means
+
+
+def objective(
+    model: VAE,
+    x: torch.Tensor,
+    kind: str = "elbo",
+    k: int = 1,
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-example loss to minimise: the negative ELBO averaged over k draws, or the negative k-sample IWAE bound.
+
+    beta weights the KL terms (beta-VAE, warm-up); free_bits exempts each latent dimension whose KL, averaged over
+    the batch, is below that many nats (Kingma et al. 2016).
+    """
+    log_px, kl = model.terms(x, k, analytic=kind == "elbo", generator=generator)
+    if free_bits > 0:
+        kl = torch.where(kl.detach().mean((0, 1)) >= free_bits, kl, torch.full_like(kl, free_bits))
+    log_w = log_px - beta * kl.sum(-1)
+    if kind == "iwae":
+        return math.log(k) - torch.logsumexp(log_w, 0)
+    return -log_w.mean(0)

@@ -1,4 +1,8 @@
-"""Encoder and decoder networks: plain modules from tensors to tensors, shapes taken from their arguments."""
+"""Encoder and decoder networks: plain modules from tensors to tensors, shapes taken from their arguments.
+
+Every network accepts extra leading dimensions (several posterior draws per example), so (S, B, ...) inputs give
+(S, B, ...) outputs.
+"""
 
 from __future__ import annotations
 
@@ -42,11 +46,12 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, in_shape: tuple[int, ...], hidden: list[int], latent: int, act: str):
         super().__init__()
+        self.in_dims = len(in_shape)
         self.net = mlp([math.prod(in_shape), *hidden, 2 * latent], act)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance, each (batch, latent)."""
-        mean, logvar = self.net(x.flatten(1)).chunk(2, dim=-1)
+        """Mean and log-variance, each (..., latent)."""
+        mean, logvar = self.net(x.flatten(-self.in_dims)).chunk(2, dim=-1)
         return mean, logvar
 
 
@@ -59,5 +64,68 @@ class MLPDecoder(nn.Module):
         self.net = mlp([latent, *hidden, math.prod(out_shape)], act)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters, (batch, *out_shape)."""
-        return self.net(z).view(-1, *self.out_shape)
+        """Likelihood parameters, (..., *out_shape)."""
+        return self.net(z).unflatten(-1, self.out_shape)
+
+
+def conv_sizes(in_shape: tuple[int, ...], layers: int) -> list[tuple[int, int]]:
+    """The (H, W) after each of `layers` stride-2 convolutions (kernel 4, padding 1), starting with the input's."""
+    if len(in_shape) != 3:
+        raise VaekitError(f"net 'conv' needs images of shape (C, H, W), got examples of shape {tuple(in_shape)}")
+    sizes = [tuple(in_shape[1:])]
+    for _ in range(layers):
+        h, w = sizes[-1]
+        if min(h, w) < 2:
+            raise VaekitError(
+                f"images of {in_shape[1]}x{in_shape[2]} are too small for {layers} stride-2 convolutions; "
+                "use fewer model.channels"
+            )
+        sizes.append((h // 2, w // 2))
+    return sizes  # type: ignore[return-value]
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 convolutions, then dense layers to the mean and log-variance of a diagonal Gaussian."""
+
+    def __init__(self, in_shape: tuple[int, ...], channels: list[int], hidden: list[int], latent: int, act: str):
+        super().__init__()
+        h, w = conv_sizes(in_shape, len(channels))[-1]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([in_shape[0], *channels[:-1]], channels, strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), activation(act)()]
+        self.in_shape = tuple(in_shape)
+        self.conv = nn.Sequential(*layers)
+        self.head = MLPEncoder((channels[-1] * h * w,), hidden, latent, act)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance, each (..., latent)."""
+        features = self.conv(x.reshape(-1, *self.in_shape))
+        return self.head(features.view(*x.shape[:-3], -1))
+
+
+class ConvDecoder(nn.Module):
+    """Dense layers, then stride-2 transposed convolutions that retrace the encoder's sizes exactly, odd ones too."""
+
+    def __init__(self, latent: int, hidden: list[int], channels: list[int], out_shape: tuple[int, ...], act: str):
+        super().__init__()
+        sizes = conv_sizes(out_shape, len(channels))
+        self.start = (channels[-1], *sizes[-1])
+        self.dense = nn.Sequential(MLPDecoder(latent, hidden, (math.prod(self.start),), act), activation(act)())
+        layers: list[nn.Module] = []
+        outs = [*channels[::-1][1:], out_shape[0]]
+        for i, (c_in, c_out) in enumerate(zip(channels[::-1], outs, strict=True)):
+            (h_in, w_in), (h_out, w_out) = sizes[-1 - i], sizes[-2 - i]
+            # A stride-2 transposed convolution doubles the size; output_padding adds the row or column that the
+            # encoder's floor division dropped from an odd size.
+            pad = (h_out - 2 * h_in, w_out - 2 * w_in)
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, output_padding=pad))
+            if i < len(channels) - 1:
+                layers.append(activation(act)())
+        self.deconv = nn.Sequential(*layers)
+        self.out_shape = tuple(out_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters, (..., *out_shape)."""
+        lead = z.shape[:-1]
+        maps = self.deconv(self.dense(z.reshape(-1, z.shape[-1])).view(-1, *self.start))
+        return maps.view(*lead, *self.out_shape)
