@@ -10,10 +10,11 @@ _EXPORTS = {
     "config": ["PRESETS", "Config", "DataConfig", "ModelConfig", "TrainConfig", "make_config"],
     "data": ["Dataset", "Split", "load_data"],
     "errors": ["VaekitError"],
+    "evaluation": ["Evaluation", "estimate"],
     "model": ["VAE"],
     "rundir": ["load", "load_config", "read_metrics"],
     "training": ["Run", "train", "pick_device"],
-    "uses": ["decode", "encode", "interpolate", "manifold", "plot", "reconstruct", "sample"],
+    "uses": ["decode", "encode", "evaluate", "interpolate", "manifold", "plot", "reconstruct", "sample"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)

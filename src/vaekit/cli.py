@@ -102,6 +102,19 @@ def _build() -> argparse.ArgumentParser:
         c.add_argument("run", metavar="RUN", help="a run directory made by 'vaekit train'")
         return c
 
+    v = run_command(
+        "evaluate",
+        "estimate log-likelihood (importance sampling), ELBO, bits/dim and active units",
+        "vaekit evaluate runs/seed-20260101-120000 --k 5000",
+    )
+    v.add_argument("--split", default="test", help="data split (default: test)")
+    v.add_argument(
+        "--k", type=int, default=5000, help="importance samples per example (default: 5000, as in likelihood papers)"
+    )
+    v.add_argument("--seed", type=int, default=0, help="random seed of the posterior draws (default: 0)")
+    v.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    v.add_argument("--no-save", action="store_true", help="print only; do not write RUN/evaluation.json")
+
     s = run_command(
         "sample",
         "draw images from the prior of a trained model",
@@ -169,6 +182,28 @@ def _train(a: argparse.Namespace) -> None:
     print(run.dir)
 
 
+def _evaluate(a: argparse.Namespace) -> None:
+    from .uses import evaluate, evaluation_path
+
+    _, s = evaluate(a.run, split=a.split, k=a.k, seed=a.seed, device=a.device, save=not a.no_save)
+    bpd = "n/a" if s["bits_per_dim"] is None else f"{s['bits_per_dim']:.4f}"
+    rows = [
+        ("split", f"{s['split']} ({s['examples']} examples)"),
+        ("negative ELBO", f"{s['neg_elbo']:.4f} nats"),
+        (f"NLL (IS, k={s['k']})", f"{s['nll']:.4f} nats"),
+        ("bits/dim", bpd),
+        ("KL", f"{s['kl']:.4f} nats"),
+        ("active units", f"{s['active_units']} of {len(s['kl_per_dim'])}"),
+        ("time", f"{s['seconds']:.1f} s"),
+    ]
+    for name, value in rows:
+        print(f"{name:<20} {value}")
+    if "note" in s:
+        print(f"note: {s['note']}")
+    if not a.no_save:
+        print(f"wrote {evaluation_path(a.run, a.split)}")
+
+
 def _default(a: argparse.Namespace, name: str) -> Path | None:
     """-o if given; else no picture when only --npy was asked for; else RUN/name."""
     if a.out:
@@ -188,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "train":
             _train(args)
+        elif args.command == "evaluate":
+            _evaluate(args)
         elif args.command == "sample":
             path = _default(args, "samples.png")
             uses.sample(args.run, args.n, seed=args.seed, out=path, npy=args.npy)

@@ -81,14 +81,19 @@ class VAE(nn.Module):
         return self.decode(z)
 
     def terms(
-        self, x: torch.Tensor, k: int = 1, analytic: bool = True, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        k: int = 1,
+        analytic: bool = True,
+        generator: torch.Generator | None = None,
+        posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x|z), (k, B), and log q(z|x) - log p(z) per latent dimension, (k, B, dims), at k draws z ~ q(z|x).
 
         With analytic=True the top layer's term is its closed-form KL (lower variance, for the ELBO); otherwise every
-        term is evaluated at the draws, as importance weights need.
+        term is evaluated at the draws, as importance weights need. posterior, if given, is encode(x) already computed.
         """
-        mean, logvar = self.encoder(x)
+        mean, logvar = posterior if posterior is not None else self.encoder(x)
         z1 = z = draw(mean.expand(k, *mean.shape), logvar.expand(k, *logvar.shape), generator)
         kl = []
         if self.config.latent2:

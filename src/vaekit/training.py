@@ -17,7 +17,7 @@ from . import nets
 from .config import Config, TrainConfig, make_config, override
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
-from .evaluate import mean_loss
+from .evaluation import mean_loss
 from .model import VAE, objective
 from .rundir import CONFIG, DESCRIPTION, METRICS, save_model, write_text
 
@@ -56,14 +56,30 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+# Classes the loop cannot drive: they need a closure, sparse gradients, a metric or other schedulers to step.
+UNSUPPORTED = {
+    "LBFGS",
+    "SparseAdam",
+    "Muon",
+    "ReduceLROnPlateau",
+    "ChainedScheduler",
+    "SequentialLR",
+    "LambdaLR",
+    "MultiplicativeLR",
+}
+
+
 def _by_name(module: Any, name: str, base: type, key: str) -> type:
     """The class called name (any capitalisation) in a torch module, checked to derive from base."""
-    found = {n.lower(): getattr(module, n) for n in dir(module) if isinstance(getattr(module, n), type)}
-    cls = found.get(name.lower())
-    if cls is None or not issubclass(cls, base) or cls is base:
-        allowed = sorted(n for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, base) and c is not base)
-        raise VaekitError(f"unknown {key} '{name}' (allowed: {', '.join(allowed)})")
-    return cls
+    classes = {
+        n: c
+        for n, c in vars(module).items()
+        if isinstance(c, type) and issubclass(c, base) and c is not base and n not in UNSUPPORTED
+    }
+    found = {n.lower(): c for n, c in classes.items()}.get(name.lower())
+    if found is None:
+        raise VaekitError(f"unknown {key} '{name}' (allowed: {', '.join(sorted(classes))})")
+    return found
 
 
 def burda_schedule(epoch: int) -> float:
@@ -88,10 +104,12 @@ def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
             return optimizer, None
         if cfg.scheduler == "burda":
             return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, burda_schedule, **cfg.scheduler_args)
-        sched = _by_name(torch.optim.lr_scheduler, cfg.scheduler, torch.optim.lr_scheduler.LRScheduler, "train.scheduler")
+        schedulers = torch.optim.lr_scheduler
+        sched = _by_name(schedulers, cfg.scheduler, schedulers.LRScheduler, "train.scheduler")
         return optimizer, sched(optimizer, **cfg.scheduler_args)
     except (TypeError, ValueError, KeyError) as e:
-        raise VaekitError(f"cannot build {cfg.optimizer}/{cfg.scheduler or 'no scheduler'} from the config: {e}") from None
+        what = f"{cfg.optimizer} and {cfg.scheduler}" if cfg.scheduler else cfg.optimizer
+        raise VaekitError(f"cannot build {what} from train.*_args: {e}") from None
 
 
 def _run_dir(out: str | Path | None, cfg: Config) -> Path:

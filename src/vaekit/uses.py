@@ -1,9 +1,10 @@
-"""What a trained run is for: samples, reconstructions, latent codes, decodings, interpolations and plots."""
+"""What a trained run is for: evaluation, samples, reconstructions, latent codes, decodings, interpolations, plots."""
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from . import plots as figures
 from .config import Config
 from .data import Dataset, load_data
 from .errors import VaekitError
-from .evaluate import encode_all
+from .evaluation import Evaluation, encode_all, estimate
 from .model import VAE
-from .rundir import PLOTS, atomic_path, check_writable, load, load_config, read_metrics, write_bytes
+from .rundir import PLOTS, atomic_path, check_writable, load, load_config, read_metrics, write_bytes, write_text
 
 
 def _require_images(shape: tuple[int, ...]) -> None:
@@ -61,6 +62,49 @@ def _examples(
             f"but the model was trained on {model.shape}"
         )
     return s.x, s.y
+
+
+def evaluation_path(run: str | Path, split: str) -> Path:
+    """Where evaluate writes its summary: RUN/evaluation.json for the test split, RUN/evaluation-SPLIT.json else."""
+    return Path(run) / ("evaluation.json" if split == "test" else f"evaluation-{split}.json")
+
+
+def evaluate(
+    run: str | Path,
+    *,
+    split: str = "test",
+    k: int = 5000,
+    seed: int = 0,
+    device: str = "auto",
+    save: bool = True,
+    progress: bool = True,
+) -> tuple[Evaluation, dict]:
+    """Importance-sampled log-likelihood, ELBO, bits/dim, KL per dimension and active units of a run on a split.
+
+    With save, the summary goes to evaluation.json (evaluation-SPLIT.json for other splits) and the per-example
+    values to the .npz of the same name.
+    """
+    from .training import pick_device
+
+    if not 1 <= k <= 10**7:
+        raise VaekitError(f"k must be an integer from 1 to 10,000,000, got {k}")
+    if not 0 <= seed < 2**63:
+        raise VaekitError(f"the seed must be an integer from 0 to 2**63 - 1, got {seed}")
+    path = evaluation_path(run, split)
+    check_writable(path, path.with_suffix(".npz"))
+    model, cfg = load(run, pick_device(device)), load_config(run)
+    x = _examples(model, cfg, split)[0]
+    result = estimate(model, x, k, seed, progress=progress)
+    summary = {"split": split, "likelihood": cfg.model.likelihood, **result.summary()}
+    if not result.discrete:
+        summary["note"] = (
+            "log p(x) is a density, or the data are not on the likelihood's discrete support (e.g. grey pixels under "
+            "a Bernoulli), so it is not a log-probability and bits/dim is omitted"
+        )
+    if save:
+        save_array(path.with_suffix(".npz"), neg_elbo=-result.elbo, nll=-result.log_px)
+        write_text(path, json.dumps(summary, indent=2) + "\n")
+    return result, summary
 
 
 @torch.no_grad()
