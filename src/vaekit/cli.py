@@ -84,6 +84,9 @@ def _build() -> argparse.ArgumentParser:
         metavar="NAME",
         help="relu, tanh, elu, gelu, silu, leaky_relu or softplus",
     )
+    t.add_argument("--objective", dest="train.objective", metavar="NAME", help="elbo (default) or iwae")
+    t.add_argument("--k", dest="train.k", type=int, metavar="N", help="posterior draws per example (default: 1)")
+    t.add_argument("--beta", dest="train.beta", type=float, metavar="B", help="KL weight (default: 1)")
     t.add_argument("--seed", dest="train.seed", type=int, metavar="N")
     t.add_argument("--device", dest="train.device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
     t.add_argument(
@@ -91,7 +94,7 @@ def _build() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other setting, e.g. --set data.test_fraction=0.1 (repeatable)",
+        help="any other setting, e.g. --set model.net=conv or --set 'train.optimizer_args={eps=1e-4}' (repeatable)",
     )
     t.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIMESTAMP)")
     t.add_argument("--no-plots", action="store_true", help="skip drawing plots at the end")

@@ -273,8 +273,11 @@ def validate(cfg: Config) -> None:
         ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
         ("model.hidden2", all(h >= 1 for h in cfg.model.hidden2), "a list of integers >= 1"),
         ("model.latent2", cfg.model.latent2 >= 0, "an integer >= 0 (0: one stochastic layer)"),
-        ("model.channels", len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
-         "a non-empty list of integers >= 1"),
+        (
+            "model.channels",
+            len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
+            "a non-empty list of integers >= 1",
+        ),
         ("model.net", cfg.model.net in ("mlp", "conv"), "mlp or conv"),
         ("model.variance", cfg.model.variance in ("fixed", "global", "per-dim"), "fixed, global or per-dim"),
         ("model.sigma", 0 < cfg.model.sigma < math.inf, "a finite number > 0"),

@@ -13,9 +13,34 @@ from torch import nn
 
 from .errors import VaekitError
 
+
+class _TanhFunction(torch.autograd.Function):
+    """tanh(x) computed as 2 sigmoid(2x) - 1, with the usual gradient 1 - tanh(x)^2."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.sigmoid(2 * x).mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y.square())
+
+
+class Tanh(nn.Module):
+    """The hyperbolic tangent. PyTorch's CPU kernel for it is several times slower than its sigmoid, which is
+    vectorised; the identity tanh(x) = 2 sigmoid(2x) - 1 agrees with it to within float32 rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh(x), elementwise."""
+        return _TanhFunction.apply(x)
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
-    "tanh": nn.Tanh,
+    "tanh": Tanh,
     "elu": nn.ELU,
     "gelu": nn.GELU,
     "silu": nn.SiLU,
