@@ -100,17 +100,19 @@ def _build() -> argparse.ArgumentParser:
     t.add_argument("--no-plots", action="store_true", help="skip drawing plots at the end")
     t.add_argument("-q", "--quiet", action="store_true", help="print only the run directory")
 
-    def run_command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+    def run_command(name: str, help: str, example: str, split: bool = False) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example: {example}")
         c.add_argument("run", metavar="RUN", help="a run directory made by 'vaekit train'")
+        if split:
+            c.add_argument("--split", default="test", help="data split: train, test, or valid where there is one")
         return c
 
     v = run_command(
         "evaluate",
         "estimate log-likelihood (importance sampling), ELBO, bits/dim and active units",
         "vaekit evaluate runs/seed-20260101-120000 --k 5000",
+        split=True,
     )
-    v.add_argument("--split", default="test", help="data split (default: test)")
     v.add_argument(
         "--k", type=int, default=5000, help="importance samples per example (default: 5000, as in likelihood papers)"
     )
@@ -134,17 +136,17 @@ def _build() -> argparse.ArgumentParser:
         "reconstruct",
         "show examples next to their reconstructions",
         "vaekit reconstruct runs/digits-20260101-120000 -n 32 -o recon.png",
+        split=True,
     )
     r.add_argument("-n", type=int, default=32, help="number of examples (default: 32)")
-    r.add_argument("--split", default="test", help="data split (default: test)")
     r.add_argument("-o", "--out", metavar="PNG", help="figure to write (default: RUN/reconstructions.png)")
 
     e = run_command(
         "encode",
         "write posterior means and log-variances of a data split",
         "vaekit encode runs/digits-20260101-120000 -o latents.npy",
+        split=True,
     )
-    e.add_argument("--split", default="test", help="data split (default: test)")
     e.add_argument(
         "-o",
         "--out",

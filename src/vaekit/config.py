@@ -92,6 +92,20 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
 
+# Burda et al.'s data and schedule: dynamically binarised MNIST with 400 training images held out for validation,
+# batch 20, Adam (beta2 0.999, eps 1e-4), 3^i passes at lr 0.001 * 10^(-i/7) for i = 0..7 (3,280 passes).
+_BURDA: dict[str, Any] = {
+    "data": {"name": "mnist", "binarize": True, "validation": 400},
+    "train": {
+        "epochs": 3280,
+        "batch_size": 20,
+        "lr": 1e-3,
+        "optimizer": "Adam",
+        "optimizer_args": {"betas": [0.9, 0.999], "eps": 1e-4},
+        "scheduler": "burda",
+    },
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The quick-start job: the seed VAE on scikit-learn's bundled 8x8 digits, which needs no download.
     "digits": {
@@ -106,23 +120,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "seed": 1},
     },
     # Burda, Grosse & Salakhutdinov (2015), "Importance Weighted Autoencoders", section 5 and appendix: one stochastic
-    # layer, 784-200-200-50 tanh, dynamically binarised MNIST, batch 20, Adam (beta2 0.999, eps 1e-4), 3^i passes at
-    # lr 0.001 * 10^(-i/7) for i = 0..7 (3,280 passes). Choose objective = elbo or iwae and k with --objective/--k.
+    # layer, 784-200-200-50 tanh. Choose objective = elbo or iwae and k with --objective/--k.
     "iwae-1l": {
-        "data": {"name": "mnist", "binarize": True, "validation": 400},
+        **_BURDA,
         "model": {"hidden": [200, 200], "latent": 50, "activation": "tanh", "likelihood": "bernoulli"},
-        "train": {
-            "epochs": 3280,
-            "batch_size": 20,
-            "lr": 1e-3,
-            "optimizer": "Adam",
-            "optimizer_args": {"betas": [0.9, 0.999], "eps": 1e-4},
-            "scheduler": "burda",
-        },
     },
-    # The same paper's two-stochastic-layer model: 784-[200,200]-100-[100,100]-50, tanh, same data and schedule.
+    # The same paper's two-stochastic-layer model: 784-[200,200]-100-[100,100]-50, tanh.
     "iwae-2l": {
-        "data": {"name": "mnist", "binarize": True, "validation": 400},
+        **_BURDA,
         "model": {
             "hidden": [200, 200],
             "latent": 100,
@@ -130,14 +135,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "latent2": 50,
             "activation": "tanh",
             "likelihood": "bernoulli",
-        },
-        "train": {
-            "epochs": 3280,
-            "batch_size": 20,
-            "lr": 1e-3,
-            "optimizer": "Adam",
-            "optimizer_args": {"betas": [0.9, 0.999], "eps": 1e-4},
-            "scheduler": "burda",
         },
     },
 }
@@ -192,7 +189,7 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise VaekitError(f"unknown preset '{name}' (available: {', '.join(PRESETS)})")
     cfg = Config(preset=name)
-    _merge(cfg, PRESETS[name])
+    _merge(cfg, copy.deepcopy(PRESETS[name]))  # the presets themselves must never change
     return cfg
 
 
