@@ -45,6 +45,8 @@ class _BernoulliLogProb(torch.autograd.Function):
 class Bernoulli(nn.Module):
     """Independent Bernoulli dimensions parameterised by logits: binary data, or grey levels read as probabilities."""
 
+    support = "the binary values 0 and 1"  # where log_prob is a log-probability mass
+
     def __init__(self, shape: tuple[int, ...], config: ModelConfig):
         super().__init__()
         self.shape = tuple(shape)
@@ -82,6 +84,8 @@ class Bernoulli(nn.Module):
 
 class Gaussian(nn.Module):
     """Independent Gaussians around the decoder output, with a fixed or learned (global or per-dimension) deviation."""
+
+    support = None  # a density: there is no set of values where log_prob is a log-probability mass
 
     def __init__(self, shape: tuple[int, ...], config: ModelConfig):
         super().__init__()
@@ -122,6 +126,7 @@ class LogisticMixture(nn.Module):
     """
 
     BINS = 255
+    support = "the 256 levels of 8-bit data"
 
     def __init__(self, shape: tuple[int, ...], config: ModelConfig):
         super().__init__()

@@ -96,10 +96,13 @@ def evaluate(
     x = _examples(model, cfg, split)[0]
     result = estimate(model, x, k, seed, progress=progress)
     summary = {"split": split, "likelihood": cfg.model.likelihood, **result.summary()}
-    if not result.discrete:
+    support = model.likelihood.support
+    if support is None:
+        summary["note"] = "the likelihood is a density, so the NLL is not a code length and bits/dim is omitted"
+    elif not result.discrete:
         summary["note"] = (
-            "log p(x) is a density, or the data are not on the likelihood's discrete support (e.g. grey pixels under "
-            "a Bernoulli), so it is not a log-probability and bits/dim is omitted"
+            f"the data do not all lie on {support}, so the {cfg.model.likelihood} 'likelihood' is not a probability of "
+            "them: the NLL is not comparable with published log-likelihoods, and bits/dim is omitted"
         )
     if save:
         save_array(path.with_suffix(".npz"), neg_elbo=-result.elbo, nll=-result.log_px)
