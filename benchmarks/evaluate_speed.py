@@ -38,6 +38,7 @@ ARCHITECTURES = {
 
 
 def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -75,6 +76,7 @@ def reference_log_px(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def timed(fn, device: torch.device) -> float:
+    """Seconds fn() takes."""
     sync(device)
     start = time.perf_counter()
     fn()
@@ -83,6 +85,7 @@ def timed(fn, device: torch.device) -> float:
 
 
 def main() -> None:
+    """Measure and print, architecture by architecture."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=32, help="images per timed run (default: 32)")
     p.add_argument("--k", type=int, default=5000, help="importance samples per image (default: 5000)")
