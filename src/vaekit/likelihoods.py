@@ -172,9 +172,11 @@ class LogisticMixture(nn.Module):
         log_w, means, log_scales = self._split(params)
         axis = -len(self.shape) - 1
         u = torch.rand(log_w.shape, generator=generator, device=params.device).clamp(1e-6, 1 - 1e-6)
-        pick = F.one_hot((log_w - torch.log(-torch.log(u))).argmax(axis), self.k).movedim(-1, axis)
-        u = torch.rand(means.shape, generator=generator, device=params.device).clamp(1e-6, 1 - 1e-6)
-        values = ((means + log_scales.exp() * (u.log() - (-u).log1p())) * pick).sum(axis)
+        pick = F.one_hot((log_w - torch.log(-torch.log(u))).argmax(axis), self.k).movedim(-1, axis).to(means.dtype)
+        # Only the picked component is transformed: an unpicked one with a huge scale must not turn into inf * 0.
+        mean, log_scale = (means * pick).sum(axis), (log_scales * pick).sum(axis)
+        u = torch.rand(mean.shape, generator=generator, device=params.device).clamp(1e-6, 1 - 1e-6)
+        values = mean + log_scale.exp() * (u.log() - (-u).log1p())
         return torch.round((values.clamp(-1, 1) + 1) / 2 * self.BINS) / self.BINS
 
     def discrete(self, x: torch.Tensor) -> bool:

@@ -108,8 +108,10 @@ def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
         sched = _by_name(schedulers, cfg.scheduler, schedulers.LRScheduler, "train.scheduler")
         return optimizer, sched(optimizer, **cfg.scheduler_args)
     except (TypeError, ValueError, KeyError) as e:
-        what = f"{cfg.optimizer} and {cfg.scheduler}" if cfg.scheduler else cfg.optimizer
-        raise VaekitError(f"cannot build {what} from train.*_args: {e}") from None
+        what, given = cfg.optimizer, f"train.optimizer_args = {cfg.optimizer_args}"
+        if cfg.scheduler:
+            what, given = f"{what} and {cfg.scheduler}", f"{given} and train.scheduler_args = {cfg.scheduler_args}"
+        raise VaekitError(f"cannot build {what} from {given}: {e}") from None
 
 
 def _run_dir(out: str | Path | None, cfg: Config) -> Path:

@@ -1,0 +1,371 @@
+"""Importance-sampled evaluation against exact answers: a linear-Gaussian model solved in closed form, a 1-D latent
+Bernoulli model integrated on a grid, the two code paths of the Bernoulli sum, active units, and `vaekit evaluate`.
+"""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli as TorchBernoulli
+from torch.distributions import MultivariateNormal, Normal, kl_divergence
+
+import vaekit
+from vaekit.cli import main
+from vaekit.config import ModelConfig
+from vaekit.evaluation import estimate
+from vaekit.likelihoods import Bernoulli
+from vaekit.model import VAE
+
+D, L, SIGMA = 5, 2, 0.5  # the linear-Gaussian model: x = W z + b + SIGMA * noise, z ~ N(0, I_L)
+f64 = torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run these tiny models on one thread: on a busy machine more threads only wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- the linear-Gaussian model, solved exactly
+
+
+def linear_gaussian(shift: float = 0.0, inflate: float = 1.0) -> tuple[VAE, torch.Tensor, torch.Tensor]:
+    """A float64 linear-Gaussian VAE with decoder z -> W z + b (W with orthogonal columns, so that the exact
+    posterior is diagonal) and an encoder set to the exact posterior, moved by `shift` posterior deviations and
+    with its deviation multiplied by `inflate`. Returns the model, W and b."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(D, L, generator=g, dtype=f64))
+    w = q * torch.tensor([1.5, 0.8], dtype=f64)
+    b = torch.randn(D, generator=g, dtype=f64)
+    model = VAE((D,), ModelConfig(hidden=[], latent=L, likelihood="gaussian", variance="fixed", sigma=SIGMA)).double()
+    # Exact posterior of z given x: covariance (I + W^T W / s^2)^-1, diagonal here; mean = cov W^T (x - b) / s^2.
+    post_var = 1 / (1 + (w**2).sum(0) / SIGMA**2)
+    gain = post_var[:, None] * w.T / SIGMA**2
+    decoder = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    encoder = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(decoder) == len(encoder) == 1  # hidden=[] gives one linear map each way
+    with torch.no_grad():
+        model.likelihood.log_sigma.fill_(math.log(SIGMA))  # built in float32: make it log(0.5) in float64
+        decoder[0].weight.copy_(w)
+        decoder[0].bias.copy_(b)
+        encoder[0].weight.zero_()
+        encoder[0].weight[:L] = gain
+        encoder[0].bias[:L] = -gain @ b + shift * post_var.sqrt()
+        encoder[0].bias[L:] = post_var.log() + 2 * math.log(inflate)
+    return model, w, b
+
+
+def draw_data(w: torch.Tensor, b: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n examples from the linear-Gaussian model and their exact log p(x) = log N(x; b, W W^T + s^2 I)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, L, generator=g, dtype=f64)
+    x = z @ w.T + b + SIGMA * torch.randn(n, D, generator=g, dtype=f64)
+    exact = MultivariateNormal(b, w @ w.T + SIGMA**2 * torch.eye(D, dtype=f64)).log_prob(x)
+    return x, exact
+
+
+def test_linear_gaussian_large_k_matches_exact_log_likelihood():
+    """With k = 20000 the IW estimate equals the closed-form log p(x) and the ELBO lies below it for every example."""
+    model, w, b = linear_gaussian(shift=2.0, inflate=2.0)
+    x, exact = draw_data(w, b, 100, seed=1)
+    result = estimate(model, x, k=20000, seed=0, progress=False)
+    assert result.log_px.shape == result.elbo.shape == (100,)
+    assert (result.log_px - exact).abs().max() < 0.1
+    assert abs((result.log_px - exact).mean()) < 0.01
+    # A 2-sigma-off, twice-too-wide posterior costs nats of ELBO for every example.
+    assert (result.elbo < exact - 0.5).all()
+    assert not result.discrete and result.bits_per_dim is None  # a density: no code length
+
+
+def test_linear_gaussian_estimate_rises_with_k():
+    """The mean IW estimate rises with k = 1, 10, 100, 1000 towards the exact value and never exceeds it by much."""
+    model, w, b = linear_gaussian(shift=2.0, inflate=2.0)
+    x, exact = draw_data(w, b, 3000, seed=2)
+    gaps = [(estimate(model, x, k=k, seed=k, progress=False).log_px - exact).mean().item() for k in (1, 10, 100, 1000)]
+    # The bias of log of a k-sample mean shrinks like 1/k; at these sizes each step is several standard errors.
+    assert gaps[0] < gaps[1] - 1 < gaps[2] - 1
+    assert gaps[2] < -0.015  # k = 100 is still visibly biased (about -0.035 expected) ...
+    assert -0.012 < gaps[3] < 0.01  # ... k = 1000 ten times less (about -0.0035)
+
+
+def test_exact_posterior_makes_elbo_tight_and_weights_constant():
+    """With the encoder at the exact posterior, ELBO = IW estimate = log p(x) and every importance weight is equal."""
+    model, w, b = linear_gaussian()
+    x, exact = draw_data(w, b, 50, seed=3)
+    a = estimate(model, x, k=100, seed=0, progress=False)
+    c = estimate(model, x, k=7, seed=5, progress=False)
+    torch.testing.assert_close(a.elbo, exact, rtol=0, atol=1e-9)
+    torch.testing.assert_close(a.log_px, exact, rtol=0, atol=1e-9)
+    torch.testing.assert_close(c.log_px, exact, rtol=0, atol=1e-9)
+    with torch.no_grad():
+        log_px, kl = model.terms(x, 200, analytic=False, generator=torch.Generator().manual_seed(4))
+    log_w = log_px - kl.sum(-1)
+    assert log_w.std(0).max() < 1e-9
+
+
+# ---------------------------------------------------------------- a 1-D latent Bernoulli model, integrated on a grid
+
+
+def tiny_bernoulli(dtype: torch.dtype = f64) -> VAE:
+    """A random 6-pixel Bernoulli VAE with one latent dimension, its decoder made steep enough to matter."""
+    torch.manual_seed(3)
+    model = VAE((6,), ModelConfig(hidden=[8], latent=1)).to(dtype)
+    with torch.no_grad():
+        model.decoder.net[-1].weight.mul_(4)
+    return model
+
+
+ALL_BINARY = ((torch.arange(64)[:, None] >> torch.arange(6)) & 1).double()  # every 6-pixel binary image
+
+
+def grid_log_px(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) = log of the integral of N(z; 0, 1) p(x|z) over z, by the trapezoid rule on a fine grid (float64)."""
+    z = torch.linspace(-12, 12, 24001, dtype=f64)
+    step = z[1] - z[0]
+    with torch.no_grad():
+        logits = model.decoder(z[:, None])
+    joint = TorchBernoulli(logits=logits[:, None, :]).log_prob(x[None]).sum(-1) + Normal(0.0, 1.0).log_prob(z)[:, None]
+    weights = torch.full_like(z, step.item())
+    weights[[0, -1]] /= 2
+    return torch.logsumexp(joint + weights.log()[:, None], 0)
+
+
+def test_bernoulli_estimate_matches_numerical_integration():
+    """For all 64 binary images, the k = 20000 estimate equals log p(x) integrated over z, and the p(x) sum to 1."""
+    model = tiny_bernoulli()
+    exact = grid_log_px(model, ALL_BINARY)
+    assert abs(exact.exp().sum().item() - 1) < 1e-6  # the grid itself is accurate
+    result = estimate(model, ALL_BINARY, k=20000, seed=0, progress=False)
+    assert (result.log_px - exact).abs().max() < 0.05
+    assert abs((result.log_px - exact).mean()) < 0.005
+    assert abs(result.log_px.exp().sum().item() - 1) < 0.01
+    assert (result.elbo <= exact + 0.005).all()
+    assert result.discrete
+    nll = -exact.mean().item()
+    assert result.bits_per_dim is not None
+    assert result.bits_per_dim == pytest.approx(result.nll / (6 * math.log(2)), rel=1e-12)
+    assert result.bits_per_dim == pytest.approx(nll / (6 * math.log(2)), abs=0.005)
+    summary = result.summary()
+    assert summary["examples"] == 64 and summary["k"] == 20000
+    assert summary["bits_per_dim"] == result.bits_per_dim
+
+
+def test_bernoulli_estimate_in_float32_matches_integration():
+    """The float32 model, as trained, gives the same estimate through the fast no-grad Bernoulli sum."""
+    model32 = tiny_bernoulli(torch.float32)
+    exact = grid_log_px(tiny_bernoulli(), ALL_BINARY)
+    result = estimate(model32, ALL_BINARY.float(), k=20000, seed=0, progress=False)
+    assert (result.log_px - exact).abs().max() < 0.05
+
+
+def test_non_binary_data_has_no_bits_per_dim():
+    """Grey levels under a Bernoulli likelihood are not discrete: bits_per_dim is None, the NLL is still finite."""
+    model = tiny_bernoulli()
+    x = torch.rand(20, 6, generator=torch.Generator().manual_seed(0), dtype=f64)
+    result = estimate(model, x, k=20, seed=0, progress=False)
+    assert result.discrete is False
+    assert result.bits_per_dim is None and result.summary()["bits_per_dim"] is None
+    assert math.isfinite(result.nll)
+
+
+def test_same_seed_is_identical_and_other_seeds_agree():
+    """A seed fixes the result exactly; another seed or another chunking gives statistically the same numbers."""
+    model = tiny_bernoulli()
+    x = ALL_BINARY
+    a = estimate(model, x, k=2000, seed=1, progress=False)
+    b = estimate(model, x, k=2000, seed=1, progress=False)
+    assert torch.equal(a.log_px, b.log_px) and torch.equal(a.elbo, b.elbo) and a.kl_per_dim == b.kl_per_dim
+    c = estimate(model, x, k=2000, seed=2, progress=False)
+    assert not torch.equal(a.log_px, c.log_px)
+    assert (a.log_px - c.log_px).abs().max() < 0.3
+    assert abs(a.nll - c.nll) < 0.02
+    # 600 numbers per block: 100 draws of one example at a time, against all examples and draws in one block.
+    chunked = estimate(model, x, k=2000, seed=1, max_elements=600, progress=False)
+    again = estimate(model, x, k=2000, seed=1, max_elements=600, progress=False)
+    whole = estimate(model, x, k=2000, seed=1, max_elements=2**22, progress=False)
+    assert torch.equal(chunked.log_px, again.log_px)
+    exact = grid_log_px(model, x)
+    for r in (chunked, whole):
+        assert (r.log_px - exact).abs().max() < 0.15
+        assert abs((r.log_px - exact).mean()) < 0.02
+    assert abs(chunked.nll - whole.nll) < 0.02
+    assert abs(chunked.neg_elbo - whole.neg_elbo) < 0.05
+
+
+# ---------------------------------------------------------------- the two code paths of the Bernoulli sum
+
+
+@pytest.mark.parametrize("shape", [(13,), (784,), (1, 28, 28), (67,)])
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_no_grad_path_equals_grad_path(shape, lead, dtype):
+    """Under no_grad the rearranged Bernoulli sum equals the autograd path and -BCE, at 0 and +-100 logits too."""
+    g = torch.Generator().manual_seed(sum(shape))
+    n = math.prod(shape)
+    logits = torch.randn(*lead, 4, n, generator=g, dtype=dtype) * 10
+    logits[..., :3] = torch.tensor([100.0, -100.0, 0.0], dtype=dtype)
+    logits[..., 0, :] = 0.0  # one example with every logit 0
+    x = torch.bernoulli(torch.full((4, n), 0.5, dtype=dtype), generator=g)
+    x[:, :3] = torch.tensor([0.0, 1.0, 1.0], dtype=dtype)  # confidently wrong at +-100
+    logits, x = logits.unflatten(-1, shape), x.unflatten(-1, shape)
+    lik = Bernoulli(shape, ModelConfig())
+    with torch.enable_grad():
+        slow = lik.log_prob(x, logits)
+    with torch.no_grad():
+        fast = lik.log_prob(x, logits)
+    expected = (
+        -F.binary_cross_entropy_with_logits(logits.double(), x.double().expand(logits.shape), reduction="none")
+        .flatten(-len(shape))
+        .sum(-1)
+    )
+    assert slow.shape == fast.shape == (*lead, 4)
+    tol = {"rtol": 1e-5, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-9}
+    torch.testing.assert_close(fast.double(), expected, **tol)
+    torch.testing.assert_close(slow.double(), expected, **tol)
+    torch.testing.assert_close(fast, slow, **tol)
+    assert (fast[..., 1:] < -190).all()  # two pixels confidently wrong cost 100 nats each
+
+
+# ---------------------------------------------------------------- active units and KL per dimension
+
+
+def test_active_units_count_only_dimensions_that_vary():
+    """Latent dims whose posterior mean ignores x are inactive and have zero KL; the others match closed forms."""
+    torch.manual_seed(0)
+    model = VAE((6,), ModelConfig(hidden=[], latent=4)).double()
+    linear = model.encoder.net[0]
+    with torch.no_grad():
+        linear.weight[0] = torch.tensor([2.0, -1.5, 1.0, 0.5, -2.0, 1.0])  # varies a lot
+        linear.weight[1] = 0.02  # varies, but with a variance far below 0.01
+        linear.weight[2:4] = 0.0  # dims 2 and 3: mean 0 for every x ...
+        linear.bias[2:4] = 0.0
+        linear.weight[6:8] = 0.0  # ... and log-variance 0: exactly the prior
+        linear.bias[6:8] = 0.0
+    x = torch.bernoulli(torch.full((300, 6), 0.5, dtype=f64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mean, logvar = model.encode(x)
+    variance = mean.var(0, correction=0)
+    assert variance[0] > 1 and variance[1] < 0.005  # the construction does what it says
+    result = estimate(model, x, k=5, seed=0, progress=False)
+    assert result.active_units == [1]
+    assert result.summary()["active_units"] == 1
+    assert len(result.kl_per_dim) == 4
+    assert result.kl_per_dim[2] == pytest.approx(0, abs=1e-12) and result.kl_per_dim[3] == pytest.approx(0, abs=1e-12)
+    expected = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).mean(0)
+    np.testing.assert_allclose(result.kl_per_dim, expected.numpy(), rtol=1e-10, atol=1e-12)
+    assert result.summary()["kl"] == pytest.approx(expected.sum().item(), rel=1e-10)
+
+
+def test_two_layer_model_reports_both_layers():
+    """A two-stochastic-layer model has KL for latent + latent2 dimensions and active units per layer."""
+    torch.manual_seed(0)
+    model = VAE((10,), ModelConfig(hidden=[16], latent=4, hidden2=[8], latent2=3))
+    x = torch.bernoulli(torch.full((40, 10), 0.4), generator=torch.Generator().manual_seed(2))
+    result = estimate(model, x, k=30, seed=0, progress=False)
+    assert len(result.kl_per_dim) == 7 and len(result.active_units) == 2
+    assert 0 <= result.active_units[0] <= 4 and 0 <= result.active_units[1] <= 3
+    assert (result.log_px >= result.elbo - 1e-6).all()  # log of a mean >= mean of logs over the same draws
+    assert math.isfinite(result.nll) and result.bits_per_dim is not None
+
+
+# ---------------------------------------------------------------- `vaekit evaluate` on a trained run
+
+
+@pytest.fixture(scope="module")
+def pristine_run(digits, tmp_path_factory):
+    """A digits run trained for 2 epochs, never evaluated: tests copy it before writing into it."""
+    root = tmp_path_factory.mktemp("evaluate")
+    run = vaekit.train("digits", out=root / "run", dataset=digits, epochs=2, verbose=False)
+    return run.dir
+
+
+def copy_run(source, tmp_path):
+    return shutil.copytree(source, tmp_path / "run")
+
+
+def test_cli_evaluate_writes_summary_and_per_example_arrays(pristine_run, digits, tmp_path, capsys):
+    """`evaluate RUN --k 50` writes evaluation.json and .npz that agree with each other, the API and the metrics."""
+    run = copy_run(pristine_run, tmp_path)
+    assert main(["evaluate", str(run), "--k", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation.json" in out
+    summary = json.loads((run / "evaluation.json").read_text())
+    n_test = len(digits.split("test").x)
+    assert summary["split"] == "test" and summary["k"] == 50 and summary["seed"] == 0
+    assert summary["examples"] == n_test
+    assert summary["neg_elbo"] > 0 and summary["nll"] > 0
+    assert summary["nll"] <= summary["neg_elbo"] + 1e-6
+    assert len(summary["kl_per_dim"]) == 2
+    assert isinstance(summary["active_units"], int) and 0 <= summary["active_units"] <= 2
+    assert summary["kl"] == pytest.approx(sum(summary["kl_per_dim"]))
+    assert summary["bits_per_dim"] is None and "note" in summary  # digits are grey levels under a Bernoulli
+    with np.load(run / "evaluation.npz") as npz:
+        assert set(npz.files) == {"neg_elbo", "nll"}
+        neg_elbo, nll = npz["neg_elbo"], npz["nll"]
+    assert neg_elbo.shape == nll.shape == (n_test,)
+    assert nll.mean() == pytest.approx(summary["nll"], rel=1e-9)
+    assert neg_elbo.mean() == pytest.approx(summary["neg_elbo"], rel=1e-9)
+    assert (nll <= neg_elbo + 1e-6).all()
+    # The same seed through the API gives the same numbers; the training loop's one-draw test loss agrees roughly.
+    _, again = vaekit.evaluate(run, k=50, seed=0, save=False, progress=False)
+    assert again["nll"] == summary["nll"] and again["neg_elbo"] == summary["neg_elbo"]
+    test_loss = vaekit.read_metrics(run)[-1]["test_loss"]
+    assert summary["neg_elbo"] == pytest.approx(test_loss, abs=1.0)
+
+
+def test_cli_evaluate_train_split_writes_its_own_file(pristine_run, digits, tmp_path, capsys):
+    """`--split train` writes evaluation-train.json over the training examples and leaves evaluation.json alone."""
+    run = copy_run(pristine_run, tmp_path)
+    assert main(["evaluate", str(run), "--split", "train", "--k", "3"]) == 0
+    capsys.readouterr()
+    summary = json.loads((run / "evaluation-train.json").read_text())
+    assert summary["split"] == "train" and summary["examples"] == len(digits.split("train").x)
+    with np.load(run / "evaluation-train.npz") as npz:
+        assert npz["nll"].shape == (len(digits.split("train").x),)
+    assert not (run / "evaluation.json").exists()
+
+
+def test_cli_evaluate_no_save_writes_nothing(pristine_run, tmp_path, capsys):
+    """`--no-save` prints the table and writes no file."""
+    run = copy_run(pristine_run, tmp_path)
+    assert main(["evaluate", str(run), "--k", "2", "--no-save"]) == 0
+    assert "NLL" in capsys.readouterr().out
+    assert not list(run.glob("evaluation*"))
+
+
+BAD = {
+    "k zero": ["--k", "0"],
+    "k negative": ["--k", "-5"],
+    "missing run": None,
+    "unknown split": ["--split", "bogus"],
+    "unknown device": ["--device", "nonsense"],
+    "negative seed": ["--seed", "-1"],
+    "garbage weights": ["--k", "2"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_evaluate_bad_input_is_one_line_and_exit_2(case, pristine_run, tmp_path, capsys):
+    """Each bad input exits 2 with one 'vaekit: error:' line, no traceback and no evaluation file."""
+    run = copy_run(pristine_run, tmp_path)
+    if case == "missing run":
+        shutil.rmtree(run)
+    if case == "garbage weights":
+        (run / "model.safetensors").write_bytes(b"this is not a safetensors file at all" * 10)
+    assert main(["evaluate", str(run), *(BAD[case] or [])]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("vaekit: error:")
+    assert "Traceback" not in captured.err and captured.out == ""
+    if case == "missing run":
+        assert not run.exists()
+    else:
+        assert not list(run.glob("evaluation*"))
