@@ -29,9 +29,12 @@ def kl_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1 - logvar)
 
 
-def draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A reparameterised draw from N(mean, exp(logvar))."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+def draw(
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None, k: int | None = None
+) -> torch.Tensor:
+    """A reparameterised draw from N(mean, exp(logvar)), or k of them stacked on a new first axis."""
+    shape = mean.shape if k is None else (k, *mean.shape)
+    eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + torch.exp(0.5 * logvar) * eps
 
 
@@ -94,7 +97,7 @@ class VAE(nn.Module):
         term is evaluated at the draws, as importance weights need. posterior, if given, is encode(x) already computed.
         """
         mean, logvar = posterior if posterior is not None else self.encoder(x)
-        z1 = z = draw(mean.expand(k, *mean.shape), logvar.expand(k, *logvar.shape), generator)
+        z1 = z = draw(mean, logvar, generator, k)
         kl = []
         if self.config.latent2:
             mean2, logvar2 = self.encoder2(z1)
@@ -114,7 +117,7 @@ class VAE(nn.Module):
         mean, logvar = self.encoder(x)
         means = [mean]
         if self.config.latent2:
-            z1 = draw(mean.expand(draws, *mean.shape), logvar.expand(draws, *logvar.shape), generator)
+            z1 = draw(mean, logvar, generator, draws)
             means.append(self.encoder2(z1)[0].mean(0))
         return means
 
