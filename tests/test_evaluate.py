@@ -348,6 +348,7 @@ BAD = {
     "unknown device": ["--device", "nonsense"],
     "negative seed": ["--seed", "-1"],
     "garbage weights": ["--k", "2"],
+    "max elements zero": ["--max-elements", "0"],
 }
 
 

@@ -530,6 +530,14 @@ def test_clip_grad_bounds_every_step(digits, tmp_path):
         ({"optimizer": "SGD", "optimizer_args": {"bogus_arg": 1}}, "bogus_arg"),
         ({"scheduler": "StepLR", "scheduler_args": {"bogus_arg": 1}}, "bogus_arg"),
         ({"optimizer": "Adam", "optimizer_args": {"betas": "fast"}}, r"train\.optimizer_args = \{'betas': 'fast'\}"),
+        ({"optimizer": "Adam", "optimizer_args": {"betas": [0.9]}}, r"train\.optimizer_args = \{'betas': \[0\.9\]\}"),
+        ({"optimizer": "LBFGS"}, "train.optimizer 'LBFGS'"),
+        ({"scheduler": "_LRScheduler"}, "train.scheduler '_LRScheduler'"),
+        ({"scheduler": "ReduceLROnPlateau"}, "train.scheduler 'ReduceLROnPlateau'"),
+        # Both fail only when stepped: the rehearsal in make_optimizer must catch them before the run starts.
+        ({"scheduler": "OneCycleLR", "scheduler_args": {"max_lr": 0.01, "total_steps": 2}, "epochs": 3}, "total_steps"),
+        ({"scheduler": "StepLR", "scheduler_args": {"step_size": "x"}}, "step_size"),
+        ({"objective": "iwae", "k": 2, "free_bits": 0.5}, "train.free_bits"),
     ],
 )
 def test_bad_optimizer_settings_are_user_errors(overrides, key, digits, tmp_path):
@@ -537,6 +545,22 @@ def test_bad_optimizer_settings_are_user_errors(overrides, key, digits, tmp_path
     with pytest.raises(vaekit.VaekitError, match=key):
         vaekit.train("digits", tmp_path / "run", dataset=digits, **small(**overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_foreach_optimizer_argument_is_honoured(digits, tmp_path):
+    """Asking for the foreach implementation turns off the default fused one instead of failing."""
+    run = vaekit.train("digits", tmp_path / "run", dataset=digits, **small(optimizer_args={"foreach": True}))
+    assert math.isfinite(run.metrics[0]["test_loss"])
+
+
+def test_learned_gaussian_deviation_has_a_floor():
+    """A learned deviation driven far below 1e-3 is used as 1e-3, so a constant dimension has a bounded density."""
+    lik = Gaussian((3,), ModelConfig(likelihood="gaussian", variance="per-dim"))
+    with torch.no_grad():
+        lik.log_sigma.fill_(-50.0)
+    x = torch.zeros(2, 3)
+    expected = Normal(torch.zeros(3), torch.full((3,), 1e-3)).log_prob(x).sum(-1)
+    torch.testing.assert_close(lik.log_prob(x, torch.zeros(2, 3)), expected)
 
 
 def test_validation_split_adds_valid_loss(digits, tmp_path):

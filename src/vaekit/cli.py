@@ -73,7 +73,7 @@ def _build() -> argparse.ArgumentParser:
     t.add_argument("--image-size", dest="data.image_size", type=int, metavar="N", help="resize folder images to N x N")
     t.add_argument("--epochs", dest="train.epochs", type=int, metavar="N")
     t.add_argument("--batch-size", dest="train.batch_size", type=int, metavar="N")
-    t.add_argument("--lr", dest="train.lr", type=float, metavar="LR", help="Adam learning rate")
+    t.add_argument("--lr", dest="train.lr", type=float, metavar="LR", help="learning rate")
     t.add_argument("--latent", dest="model.latent", type=int, metavar="N", help="latent dimensions")
     t.add_argument(
         "--hidden", dest="model.hidden", type=_int_list, metavar="N,N", help="hidden layer widths, e.g. 512,256"
@@ -104,7 +104,7 @@ def _build() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example: {example}")
         c.add_argument("run", metavar="RUN", help="a run directory made by 'vaekit train'")
         if split:
-            c.add_argument("--split", default="test", help="data split: train, test, or valid where there is one")
+            c.add_argument("--split", default="test", help="train, test (default), or valid where there is one")
         return c
 
     v = run_command(
@@ -118,6 +118,13 @@ def _build() -> argparse.ArgumentParser:
     )
     v.add_argument("--seed", type=int, default=0, help="random seed of the posterior draws (default: 0)")
     v.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    v.add_argument(
+        "--max-elements",
+        type=int,
+        metavar="N",
+        help="the most decoder outputs computed at once (default: 2**20 on a CPU, 2**26 on a GPU); lower it if memory "
+        "runs out",
+    )
     v.add_argument("--no-save", action="store_true", help="print only; do not write RUN/evaluation.json")
 
     s = run_command(
@@ -190,7 +197,9 @@ def _train(a: argparse.Namespace) -> None:
 def _evaluate(a: argparse.Namespace) -> None:
     from .uses import evaluate, evaluation_path
 
-    _, s = evaluate(a.run, split=a.split, k=a.k, seed=a.seed, device=a.device, save=not a.no_save)
+    _, s = evaluate(
+        a.run, split=a.split, k=a.k, seed=a.seed, device=a.device, max_elements=a.max_elements, save=not a.no_save
+    )
     bpd = "n/a" if s["bits_per_dim"] is None else f"{s['bits_per_dim']:.4f}"
     rows = [
         ("split", f"{s['split']} ({s['examples']} examples)"),

@@ -284,6 +284,11 @@ def validate(cfg: Config) -> None:
         ("train.beta", 0 <= cfg.train.beta < math.inf, "a finite number >= 0"),
         ("train.warmup", cfg.train.warmup >= 0, "an integer >= 0"),
         ("train.free_bits", 0 <= cfg.train.free_bits < math.inf, "a finite number >= 0"),
+        (
+            "train.free_bits",
+            cfg.train.objective == "elbo" or cfg.train.free_bits == 0,
+            "0 with objective iwae (inside importance weights it would no longer give a bound)",
+        ),
         ("train.clip_grad", 0 <= cfg.train.clip_grad < math.inf, "a finite number >= 0 (0: no clipping)"),
         ("data.validation", cfg.data.validation >= 0, "an integer >= 0"),
         ("data.image_size", 1 <= cfg.data.image_size <= 4096, "an integer from 1 to 4096"),

@@ -271,7 +271,7 @@ def _check(splits: dict[str, Split], name: str) -> None:
         lo, hi = s.x.min().item(), s.x.max().item()
         if lo < 0 or hi > 1:
             raise VaekitError(
-                f"data '{name}': values must lie in [0, 1] for a Bernoulli likelihood, found [{lo:g}, {hi:g}]"
+                f"data '{name}': values must lie in [0, 1] (scale the data first), found [{lo:g}, {hi:g}]"
             )
         if shape is not None and s.x.shape[1:] != shape:
             raise VaekitError(f"data '{name}': split '{split}' has examples of shape {tuple(s.x.shape[1:])}")

@@ -37,7 +37,7 @@ class Evaluation:
     seed: int
     elbo: torch.Tensor  # (N,) per-example ELBO, averaged over the k draws
     log_px: torch.Tensor  # (N,) per-example importance-weighted estimate of log p(x)
-    kl_per_dim: list[float]  # mean KL (nats) per latent dimension, z1's then z2's
+    kl_per_dim: list[float]  # mean KL (nats) per latent dimension, z1's (one-draw estimates if z2 exists), then z2's
     active_units: list[int]  # per latent layer: dimensions whose posterior mean varies over x (Cov > 0.01)
     dims: int  # dimensions of one example
     discrete: bool  # whether log p(x) is a log-probability mass, so that bits/dim is meaningful
@@ -75,14 +75,14 @@ class Evaluation:
         }
 
 
-def _logmeanexp_batch(model: VAE, x: torch.Tensor, k: int, chunk: int, g: torch.Generator):
+def _logmeanexp_batch(model: VAE, x: torch.Tensor, k: int, chunk: int, g: torch.Generator, dtype: torch.dtype):
     """For each example of x: log of the mean over k draws of the importance weight, and the mean log-weight."""
-    lse = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
-    total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+    lse = torch.full((len(x),), -math.inf, dtype=dtype, device=x.device)
+    total = torch.zeros(len(x), dtype=dtype, device=x.device)
     posterior = model.encode(x)
     for start in range(0, k, chunk):
         log_px, kl = model.terms(x, min(chunk, k - start), analytic=False, generator=g, posterior=posterior)
-        log_w = (log_px - kl.sum(-1)).double()
+        log_w = (log_px - kl.sum(-1)).to(dtype)
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
         total += log_w.sum(0)
     return lse - math.log(k), total / k
@@ -101,10 +101,12 @@ def estimate(
 
     Examples and draws are batched so that no decoder output holds more than max_elements numbers (default: 2**20 on
     a CPU, which balances cache misses against per-operation overhead, 2**26 on a GPU); the result is deterministic
-    for a given seed and max_elements.
+    for a given seed, device and max_elements.
     """
     start_time = time.perf_counter()
     device = model.device
+    # Sums over thousands of draws are kept in float64, except on Apple GPUs, which have no float64.
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     g = torch.Generator(device).manual_seed(seed)
     cap = max_elements or (2**20 if device.type == "cpu" else 2**26)
     per_draw = math.prod(model.likelihood.params_shape())
@@ -114,11 +116,11 @@ def estimate(
     bar = tqdm(total=len(x), unit="img", desc=f"evaluate k={k}", disable=not progress or None, leave=False)
     for i in range(0, len(x), batch):
         xb = x[i : i + batch].to(device)
-        lp, eb = _logmeanexp_batch(model, xb, k, chunk, g)
+        lp, eb = _logmeanexp_batch(model, xb, k, chunk, g, dtype)
         log_px.append(lp)
         elbo.append(eb)
-        kl.append(model.terms(xb, 1, analytic=True, generator=g)[1][0].double().sum(0))
-        means.append(torch.cat(model.posterior_means(xb, generator=g), -1).double())
+        kl.append(model.terms(xb, 1, analytic=True, generator=g)[1][0].to(dtype).sum(0))
+        means.append(torch.cat(model.posterior_means(xb, generator=g), -1).to(dtype))
         bar.update(len(xb))
     bar.close()
     sizes = [model.config.latent] + ([model.config.latent2] if model.config.latent2 else [])

@@ -17,6 +17,13 @@ from .config import ModelConfig
 from .errors import VaekitError
 
 LOG_2PI = math.log(2 * math.pi)
+MIN_LOG_SIGMA = math.log(1e-3)  # a learned deviation could otherwise shrink without end on constant dimensions
+
+
+def log_normal(z: torch.Tensor, mean: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Elementwise log N(z; mean, exp(logvar))."""
+    logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
+    return -0.5 * (LOG_2PI + logvar + (z - mean).square() * torch.exp(-logvar))
 
 
 def _sum_event(values: torch.Tensor, event_dims: int) -> torch.Tensor:
@@ -101,9 +108,8 @@ class Gaussian(nn.Module):
         return self.shape
 
     def log_prob(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """log N(x; mean, sigma^2) summed over the dimensions of each example (a density)."""
-        z = (x - mean) * torch.exp(-self.log_sigma)
-        return _sum_event(-0.5 * (z.square() + LOG_2PI) - self.log_sigma, len(self.shape))
+        """log N(x; mean, sigma^2) summed over the dimensions of each example (a density); sigma is at least 1e-3."""
+        return _sum_event(log_normal(x, mean, 2 * self.log_sigma.clamp(min=MIN_LOG_SIGMA)), len(self.shape))
 
     def mean(self, mean: torch.Tensor) -> torch.Tensor:
         """The expected value of x."""
@@ -112,7 +118,7 @@ class Gaussian(nn.Module):
     def sample(self, mean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw of x."""
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(self.log_sigma) * noise
+        return mean + torch.exp(self.log_sigma.clamp(min=MIN_LOG_SIGMA)) * noise
 
     def discrete(self, x: torch.Tensor) -> bool:
         """Whether log_prob(x) is a log-probability mass: never, it is a density."""

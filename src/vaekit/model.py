@@ -13,15 +13,8 @@ from torch import nn
 
 from . import likelihoods
 from .config import ModelConfig
+from .likelihoods import log_normal
 from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def log_normal(z: torch.Tensor, mean: torch.Tensor | float = 0.0, logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Elementwise log N(z; mean, exp(logvar))."""
-    logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
-    return -0.5 * (LOG_2PI + logvar + (z - mean).square() * torch.exp(-logvar))
 
 
 def kl_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

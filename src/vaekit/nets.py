@@ -31,7 +31,7 @@ class _TanhFunction(torch.autograd.Function):
 
 class Tanh(nn.Module):
     """The hyperbolic tangent. PyTorch's CPU kernel for it is several times slower than its sigmoid, which is
-    vectorised; the identity tanh(x) = 2 sigmoid(2x) - 1 agrees with it to within float32 rounding."""
+    vectorised; the identity tanh(x) = 2 sigmoid(2x) - 1 agrees with it to within 2e-7 (absolute) in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(x), elementwise."""

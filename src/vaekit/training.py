@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -56,7 +57,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-# Classes the loop cannot drive: they need a closure, sparse gradients, a metric or other schedulers to step.
+# Classes the loop cannot drive: they need a closure, sparse gradients, a metric, functions or other schedulers.
 UNSUPPORTED = {
     "LBFGS",
     "SparseAdam",
@@ -74,7 +75,7 @@ def _by_name(module: Any, name: str, base: type, key: str) -> type:
     classes = {
         n: c
         for n, c in vars(module).items()
-        if isinstance(c, type) and issubclass(c, base) and c is not base and n not in UNSUPPORTED
+        if isinstance(c, type) and issubclass(c, base) and c is not base and n not in UNSUPPORTED and n[0] != "_"
     }
     found = {n.lower(): c for n, c in classes.items()}.get(name.lower())
     if found is None:
@@ -91,23 +92,36 @@ def burda_schedule(epoch: int) -> float:
     return 10 ** (-stage / 7)
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate scheduler cfg names, attached to optimizer."""
+    schedulers = torch.optim.lr_scheduler
+    if cfg.scheduler == "burda":
+        return schedulers.LambdaLR(optimizer, burda_schedule, **cfg.scheduler_args)
+    cls = _by_name(schedulers, cfg.scheduler, schedulers.LRScheduler, "train.scheduler")
+    return cls(optimizer, **cfg.scheduler_args)
+
+
 def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
     """The optimizer and learning-rate scheduler (or None) that cfg names, with their arguments."""
     cls = _by_name(torch.optim, cfg.optimizer, torch.optim.Optimizer, "train.optimizer")
     args = dict(cfg.optimizer_args)
     # The fused kernel is the same update in one pass over the parameters: on a CPU it halves the Adam step time.
-    if "fused" in inspect.signature(cls).parameters and device.type in ("cpu", "cuda"):
+    fusable = "fused" in inspect.signature(cls).parameters and device.type in ("cpu", "cuda")
+    if fusable and not (args.get("foreach") or args.get("differentiable")):
         args.setdefault("fused", True)
     try:
         optimizer = cls(model.parameters(), lr=cfg.lr, **args)
         if not cfg.scheduler:
             return optimizer, None
-        if cfg.scheduler == "burda":
-            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, burda_schedule, **cfg.scheduler_args)
-        schedulers = torch.optim.lr_scheduler
-        sched = _by_name(schedulers, cfg.scheduler, schedulers.LRScheduler, "train.scheduler")
-        return optimizer, sched(optimizer, **cfg.scheduler_args)
-    except (TypeError, ValueError, KeyError) as e:
+        # Some scheduler arguments only fail when stepped (a OneCycleLR too short for the run, a step size of the
+        # wrong type): a rehearsal of the whole run on a stand-in optimizer finds them before any training.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rehearsal = _scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr), cfg)
+            for _ in range(cfg.epochs):
+                rehearsal.step()
+        return optimizer, _scheduler(optimizer, cfg)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, ZeroDivisionError) as e:
         what, given = cfg.optimizer, f"train.optimizer_args = {cfg.optimizer_args}"
         if cfg.scheduler:
             what, given = f"{what} and {cfg.scheduler}", f"{given} and train.scheduler_args = {cfg.scheduler_args}"

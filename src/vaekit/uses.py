@@ -76,6 +76,7 @@ def evaluate(
     k: int = 5000,
     seed: int = 0,
     device: str = "auto",
+    max_elements: int | None = None,
     save: bool = True,
     progress: bool = True,
 ) -> tuple[Evaluation, dict]:
@@ -90,11 +91,14 @@ def evaluate(
         raise VaekitError(f"k must be an integer from 1 to 10,000,000, got {k}")
     if not 0 <= seed < 2**63:
         raise VaekitError(f"the seed must be an integer from 0 to 2**63 - 1, got {seed}")
+    if max_elements is not None and max_elements < 1:
+        raise VaekitError(f"max_elements must be at least 1, got {max_elements}")
     path = evaluation_path(run, split)
-    check_writable(path, path.with_suffix(".npz"))
+    if save:
+        check_writable(path, path.with_suffix(".npz"))
     model, cfg = load(run, pick_device(device)), load_config(run)
     x = _examples(model, cfg, split)[0]
-    result = estimate(model, x, k, seed, progress=progress)
+    result = estimate(model, x, k, seed, max_elements, progress)
     summary = {"split": split, "likelihood": cfg.model.likelihood, **result.summary()}
     support = model.likelihood.support
     if support is None:
