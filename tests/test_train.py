@@ -99,3 +99,17 @@ def test_run_finds_relative_data_from_elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "b")
     mean, logvar, labels = vaekit.encode(tmp_path / "a" / "run")
     assert mean.shape == (10, 2) and labels is None
+
+
+def test_outputs_get_the_permissions_the_umask_allows(digits, tmp_path):
+    """Files written atomically are not left private to their owner: they follow the umask like any other file."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run = vaekit.train("digits", tmp_path / "run", dataset=digits, epochs=1, hidden=[8], verbose=False)
+    finally:
+        os.umask(old)
+    for name in ("config.toml", "model.json", "model.safetensors", "metrics.jsonl"):
+        assert stat.S_IMODE((run.dir / name).stat().st_mode) == 0o644, name

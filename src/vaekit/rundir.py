@@ -29,6 +29,13 @@ CONFIG, WEIGHTS, DESCRIPTION, METRICS, PLOTS = (
 FORMAT = "vaekit-model"
 
 
+def _umask() -> int:
+    """The process's file-creation mask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside path; on success it is renamed to path, on failure removed."""
@@ -38,6 +45,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=f".tmp{path.suffix}")
         os.close(fd)
+        # mkstemp makes the file private (0600); outputs get the usual permissions that the umask allows.
+        os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
         raise VaekitError(f"cannot write {path}: {e.strerror or e}") from None
     try:
