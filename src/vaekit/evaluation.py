@@ -112,25 +112,29 @@ def estimate(
     per_draw = math.prod(model.likelihood.params_shape())
     chunk = max(1, min(k, cap // per_draw))
     batch = max(1, cap // (chunk * per_draw)) if chunk == k else 1
-    log_px, elbo, kl, means = [], [], [], []
-    bar = tqdm(total=len(x), unit="img", desc=f"evaluate k={k}", disable=not progress or None, leave=False)
-    for i in range(0, len(x), batch):
+    # Results go into tensors made once: small tensors kept per batch would pin the heap between the large
+    # transient blocks and make the process's memory grow through a long evaluation.
+    n, dims = len(x), model.config.latent + model.config.latent2
+    log_px, elbo = torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device)
+    kl, mean_sum, mean_sq = (torch.zeros(dims, dtype=dtype, device=device) for _ in range(3))
+    bar = tqdm(total=n, unit="img", desc=f"evaluate k={k}", disable=not progress or None, leave=False)
+    for i in range(0, n, batch):
         xb = x[i : i + batch].to(device)
-        lp, eb = _logmeanexp_batch(model, xb, k, chunk, g, dtype)
-        log_px.append(lp)
-        elbo.append(eb)
-        kl.append(model.terms(xb, 1, analytic=True, generator=g)[1][0].to(dtype).sum(0))
-        means.append(torch.cat(model.posterior_means(xb, generator=g), -1).to(dtype))
+        log_px[i : i + len(xb)], elbo[i : i + len(xb)] = _logmeanexp_batch(model, xb, k, chunk, g, dtype)
+        kl += model.terms(xb, 1, analytic=True, generator=g)[1][0].sum(0)
+        means = torch.cat(model.posterior_means(xb, generator=g), -1).to(dtype)
+        mean_sum += means.sum(0)
+        mean_sq += means.square().sum(0)
         bar.update(len(xb))
     bar.close()
     sizes = [model.config.latent] + ([model.config.latent2] if model.config.latent2 else [])
-    variance = torch.cat(means).var(0, correction=0).cpu()
+    variance = (mean_sq / n - (mean_sum / n).square()).cpu()
     return Evaluation(
         k=k,
         seed=seed,
-        elbo=torch.cat(elbo).cpu(),
-        log_px=torch.cat(log_px).cpu(),
-        kl_per_dim=(torch.stack(kl).sum(0) / len(x)).cpu().tolist(),
+        elbo=elbo.cpu(),
+        log_px=log_px.cpu(),
+        kl_per_dim=(kl / n).cpu().tolist(),
         active_units=[int((part > 0.01).sum()) for part in variance.split(sizes)],
         dims=math.prod(model.shape),
         discrete=model.likelihood.discrete(x),
