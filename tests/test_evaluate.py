@@ -24,13 +24,7 @@ D, L, SIGMA = 5, 2, 0.5  # the linear-Gaussian model: x = W z + b + SIGMA * nois
 f64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run these tiny models on one thread: on a busy machine more threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- the linear-Gaussian model, solved exactly
