@@ -197,8 +197,13 @@ LIKELIHOODS: dict[str, type[nn.Module]] = {
 }
 
 
+def get(name: str) -> type[nn.Module]:
+    """The likelihood class called name."""
+    if name not in LIKELIHOODS:
+        raise VaekitError(f"unknown likelihood '{name}' (allowed: {', '.join(LIKELIHOODS)})")
+    return LIKELIHOODS[name]
+
+
 def build(shape: tuple[int, ...], config: ModelConfig) -> Bernoulli | Gaussian | LogisticMixture:
     """The likelihood config.likelihood names, for examples of the given shape."""
-    if config.likelihood not in LIKELIHOODS:
-        raise VaekitError(f"unknown likelihood '{config.likelihood}' (allowed: {', '.join(LIKELIHOODS)})")
-    return LIKELIHOODS[config.likelihood](tuple(shape), config)  # type: ignore[return-value]
+    return get(config.likelihood)(tuple(shape), config)  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import nets
+from . import likelihoods, nets
 from .config import Config, TrainConfig, make_config, override
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
@@ -161,6 +161,7 @@ def train(
     cfg = make_config(config, overrides=overrides) if isinstance(config, str) else override(config, overrides)
     # Names are checked before the data is loaded, which can take a while.
     nets.activation(cfg.model.activation)
+    likelihoods.get(cfg.model.likelihood)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = dataset if dataset is not None else load_data(cfg.data)
