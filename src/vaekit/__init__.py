@@ -13,7 +13,7 @@ _EXPORTS = {
     "evaluation": ["Evaluation", "estimate"],
     "model": ["VAE"],
     "rundir": ["load", "load_config", "read_metrics"],
-    "training": ["Run", "train", "pick_device"],
+    "training": ["Interrupted", "Run", "pick_device", "resume", "train"],
     "uses": ["decode", "encode", "evaluate", "interpolate", "manifold", "plot", "reconstruct", "sample"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -39,8 +39,11 @@ def _build() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a VAE and save it as a run directory",
-        description="Train a VAE. Settings come from a preset, then --config, then the flags.",
-        epilog="example: vaekit train --preset seed --data-dir ~/data --epochs 5",
+        description="Train a VAE. Settings come from a preset, then --config, then the flags. Checkpoints go to "
+        "RUN/checkpoints; SIGINT (Ctrl-C) or SIGTERM saves one and stops, and --resume continues exactly.",
+        epilog="examples: vaekit train --preset seed --data-dir ~/data --epochs 5\n"
+        "          vaekit train --resume runs/seed-20260101-120000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument(
         "--preset", help=f"starting configuration: {', '.join(PRESETS)} (default: the config file's, else digits)"
@@ -97,6 +100,12 @@ def _build() -> argparse.ArgumentParser:
         help="any other setting, e.g. --set model.net=conv or --set 'train.optimizer_args={eps=1e-4}' (repeatable)",
     )
     t.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIMESTAMP)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a stopped run from its newest checkpoint (or from a file in RUN/checkpoints) with its saved "
+        "settings; only --epochs may change them",
+    )
     t.add_argument("--no-plots", action="store_true", help="skip drawing plots at the end")
     t.add_argument("-q", "--quiet", action="store_true", help="print only the run directory")
 
@@ -179,12 +188,18 @@ def _build() -> argparse.ArgumentParser:
 
 def _train(a: argparse.Namespace) -> None:
     from .config import make_config, parse_assignment
-    from .training import train
+    from .training import resume, train
 
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
     overrides.update({k: v for k, v in vars(a).items() if "." in k and v is not None})
-    cfg = make_config(a.preset, a.config, overrides)
-    run = train(cfg, a.out, verbose=not a.quiet)
+    if a.resume:
+        others = [k for k in overrides if k != "train.epochs"] + [f for f in ("preset", "config", "out") if vars(a)[f]]
+        if others:
+            what = others[0] if "." in others[0] else f"--{others[0]}"
+            raise VaekitError(f"--resume continues a run with its saved settings: --epochs may change, {what} cannot")
+        run = resume(a.resume, epochs=overrides.get("train.epochs"), verbose=not a.quiet)
+    else:
+        run = train(make_config(a.preset, a.config, overrides), a.out, verbose=not a.quiet)
     if not a.no_plots:
         from .uses import plot
 
@@ -274,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .training import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"vaekit: {e}", file=sys.stderr)
+            return e.exit_code
         print("vaekit: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -72,6 +72,10 @@ class TrainConfig:
     scheduler: str = ""  # "", burda, or any torch.optim.lr_scheduler class by name; stepped once per epoch
     scheduler_args: dict[str, Any] = field(default_factory=dict)
     clip_grad: float = 0.0  # maximum gradient norm; 0 means no clipping
+    checkpoint_every: int = 1000  # steps between checkpoints, besides the one at each epoch's end; 0: epoch ends only
+    keep_checkpoints: int = 2  # the newest checkpoints kept in RUN/checkpoints
+    patience: int = 0  # early stopping: epochs without a lower validation loss before training stops; 0: off
+    skip_limit: int = 20  # updates with a non-finite loss or gradient are skipped; this many in a row stop the run
 
 
 @dataclass
@@ -290,6 +294,10 @@ def validate(cfg: Config) -> None:
             "0 with objective iwae (inside importance weights it would no longer give a bound)",
         ),
         ("train.clip_grad", 0 <= cfg.train.clip_grad < math.inf, "a finite number >= 0 (0: no clipping)"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, "an integer >= 0 (0: at epoch ends only)"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "an integer >= 1"),
+        ("train.patience", cfg.train.patience >= 0, "an integer >= 0 (0: no early stopping)"),
+        ("train.skip_limit", cfg.train.skip_limit >= 1, "an integer >= 1"),
         ("data.validation", cfg.data.validation >= 0, "an integer >= 0"),
         ("data.image_size", 1 <= cfg.data.image_size <= 4096, "an integer from 1 to 4096"),
         ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),

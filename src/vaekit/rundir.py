@@ -19,12 +19,13 @@ from .config import Config, from_dict, read_toml
 from .errors import VaekitError
 from .model import VAE
 
-CONFIG, WEIGHTS, DESCRIPTION, METRICS, PLOTS = (
+CONFIG, WEIGHTS, DESCRIPTION, METRICS, PLOTS, BEST = (
     "config.toml",
     "model.safetensors",
     "model.json",
     "metrics.jsonl",
     "plots",
+    "best",  # the model of the epoch with the lowest validation loss, as a run directory of its own
 )
 FORMAT = "vaekit-model"
 

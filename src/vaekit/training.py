@@ -1,9 +1,13 @@
-"""The training loop: the data set as one tensor on the device, batches by indexing, a checkpoint every epoch."""
+"""The training loop: data as one tensor on the device, batches by indexing, checkpoints to resume exactly."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import likelihoods, nets
+from .checkpoint import CHECKPOINTS, Progress, listing, load_checkpoint, save_checkpoint
 from .config import Config, TrainConfig, make_config, override
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
 from .evaluation import mean_loss
 from .model import VAE, objective
-from .rundir import CONFIG, DESCRIPTION, METRICS, save_model, write_text
+from .rundir import BEST, CONFIG, DESCRIPTION, METRICS, load_config, save_model, write_text
 
 
 @dataclass
@@ -149,6 +154,53 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; exit_code is 128 + the signal number."""
+
+    def __init__(self, signum: int, run_dir: Path, checkpoint: Path, p: Progress) -> None:
+        self.exit_code = 128 + signum
+        where = f"in epoch {p.epoch + 1} after step {p.step}" if p.step else f"after epoch {p.epoch}"
+        super().__init__(
+            f"{signal.Signals(signum).name}: training stopped {where} and saved {checkpoint}; "
+            f"continue with: vaekit train --resume {run_dir}"
+        )
+
+
+class _Signals:
+    """SIGINT and SIGTERM ask training to stop after the current step; a second one stops it at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> _Signals:
+        # Handlers can only be set in the main thread; elsewhere signals keep their usual effect.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether the loss and every gradient are finite (one device sync per step)."""
+    norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+    return bool(torch.isfinite(loss.detach() + torch.stack(norms).sum()))
+
+
+def _check_names(cfg: Config) -> None:
+    """Refuse unknown activation and likelihood names before the data is loaded, which can take a while."""
+    nets.activation(cfg.model.activation)
+    likelihoods.get(cfg.model.likelihood)
+
+
 def train(
     config: Config | str = "digits",
     out: str | Path | None = None,
@@ -159,10 +211,8 @@ def train(
 ) -> Run:
     """Train a VAE from a preset name or a Config, with overrides such as epochs=5, and save it as a run directory."""
     cfg = make_config(config, overrides=overrides) if isinstance(config, str) else override(config, overrides)
-    # Names are checked before the data is loaded, which can take a while.
-    nets.activation(cfg.model.activation)
-    likelihoods.get(cfg.model.likelihood)
-    device = pick_device(cfg.train.device)
+    _check_names(cfg)
+    pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = dataset if dataset is not None else load_data(cfg.data)
     # The run records absolute paths so that later commands find its data from any directory.
@@ -172,54 +222,138 @@ def train(
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.data.channels == 0 and Path(cfg.data.name).is_dir():
         cfg.data.channels = data.shape[0]
+    return _fit(cfg, data, out, None, verbose, fresh=True)
 
+
+def resume(run: str | Path, *, epochs: int | None = None, dataset: Dataset | None = None, verbose: bool = True) -> Run:
+    """Continue a run from its newest checkpoint (or from a checkpoint file), exactly as if it had never stopped."""
+    run = Path(run)
+    path = run if run.is_file() else None
+    if path is not None and path.parent.name != CHECKPOINTS:
+        raise VaekitError(f"{run} is not a checkpoint: pass a run directory or a file in RUN/{CHECKPOINTS}")
+    run_dir = run.parent.parent if path is not None else run
+    if not (run_dir / CONFIG).is_file():
+        raise VaekitError(f"{run} is not a vaekit run or checkpoint: {run_dir / CONFIG} is missing")
+    cfg = load_config(run_dir)
+    if epochs is not None:
+        cfg = override(cfg, {"train.epochs": epochs})
+    if path is None:
+        found = listing(run_dir)
+        path = found[-1] if found else None  # killed before its first checkpoint: it starts again from scratch
+    _check_names(cfg)
+    pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = dataset if dataset is not None else load_data(cfg.data)
+    return _fit(cfg, data, run_dir, path, verbose, fresh=False)
+
+
+def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None, verbose: bool, fresh: bool) -> Run:
+    """Build the model and optimizer, restore a checkpoint if given, and train: the training loop."""
+    t, device = cfg.train, pick_device(cfg.train.device)
+    if t.patience and "valid" not in data.splits:
+        raise VaekitError("train.patience needs a validation split: hold one out with --set data.validation=N")
     x_train = data.split("train").x.to(device)
     held_out = {name: s.x.to(device) for name, s in data.splits.items() if name in ("valid", "test")}
     model = VAE(data.shape, cfg.model).to(device)
-    optimizer, scheduler = make_optimizer(cfg.train, model, device)
-    run_dir = _run_dir(out, cfg)
+    optimizer, scheduler = make_optimizer(t, model, device)
+    shuffle = torch.Generator(device).manual_seed(t.seed)
+    p = Progress() if start is None else load_checkpoint(start, model, optimizer, scheduler, shuffle)
+    if p.stopped or p.epoch >= t.epochs:
+        why = f"stopped early at epoch {p.epoch}" if p.stopped else f"has finished its {p.epoch} epochs"
+        raise VaekitError(f"{out} {why}; there is nothing to resume (train longer with --epochs N)")
+    run_dir = _run_dir(out, cfg) if fresh else Path(out)  # type: ignore[arg-type]
     write_text(run_dir / CONFIG, cfg.to_toml())
     say = print if verbose else (lambda *a, **k: None)
-    say(f"run directory: {run_dir}")
-    t = cfg.train
-    shuffle = torch.Generator(device).manual_seed(t.seed)
+    say(f"run directory: {run_dir}" + (f" (resuming from {start.name})" if start else ""))
+    params = list(model.parameters())
     n, bs = len(x_train), t.batch_size
     steps = (n + bs - 1) // bs
-    metrics: list[dict[str, Any]] = []
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
 
-    for epoch in range(1, t.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, device=device, generator=shuffle)
-        total = torch.zeros((), device=device)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{t.epochs}", leave=False, disable=not verbose or None)
-        for step in bar:
-            x = x_train[order[step * bs : (step + 1) * bs]]
-            if cfg.data.binarize:
-                x = torch.bernoulli(x)
-            beta = t.beta * min(1.0, (epoch - 1 + step / steps) / t.warmup) if t.warmup else t.beta
-            loss = objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
-            total += loss.detach()
-            if step % 50 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
-        bar.close()
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step()
-        model.eval()
-        row = {"epoch": epoch, "train_loss": total.item() / n}
-        row.update({f"{name}_loss": mean_loss(model, x, t.eval_batch_size) for name, x in held_out.items()})
-        metrics.append({**row, "lr": lr, "seconds": time.perf_counter() - start})
-        save_model(model, run_dir)
-        write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
-        if epoch % report_every == 0 or epoch in (1, t.epochs):
-            losses = "  ".join(f"{k.replace('_', ' ')} {v:9.4f}" for k, v in row.items() if k != "epoch")
-            say(f"epoch {epoch:3d}  {losses}  ({metrics[-1]['seconds']:.2f} s)")
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, model, optimizer, shuffle, p, t.keep_checkpoints)
 
-    return Run(run_dir, cfg, model, data, metrics)
+    with _Signals() as signals:
+        while p.epoch < t.epochs and not p.stopped:
+            began = time.perf_counter() - p.seconds
+            if p.step == 0:
+                p.order = torch.randperm(n, device=device, generator=shuffle)
+                p.total, p.used, p.skipped = torch.zeros((), device=device), 0, 0
+            model.train()
+            bar = tqdm(range(p.step, steps), desc=f"epoch {p.epoch + 1}/{t.epochs}", initial=p.step, total=steps,
+                       leave=False, disable=not verbose or None)  # fmt: skip
+            for step in bar:
+                x = x_train[p.order[step * bs : (step + 1) * bs]]
+                if cfg.data.binarize:
+                    x = torch.bernoulli(x)
+                beta = t.beta * min(1.0, (p.epoch + step / steps) / t.warmup) if t.warmup else t.beta
+                loss = objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if _finite(loss, params):
+                    if t.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+                    optimizer.step()
+                    p.total += loss.detach()
+                    p.used, p.bad = p.used + len(x), 0
+                else:
+                    p.skipped, p.bad = p.skipped + 1, p.bad + 1
+                    _skipped(p, run_dir, t.skip_limit, bar, verbose)
+                p.step, p.global_step = step + 1, p.global_step + 1
+                if signals.received or (t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and not p.bad):
+                    p.seconds = time.perf_counter() - began
+                    saved = checkpoint()
+                    if signals.received:
+                        raise Interrupted(signals.received, run_dir, saved, p)
+                if step % 50 == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
+            bar.close()
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+            _end_epoch(cfg, model, run_dir, p, held_out, lr, time.perf_counter() - began)
+            saved = checkpoint()  # last, so that every file it stands for is already written
+            if p.epoch % report_every == 0 or p.epoch == t.epochs or p.epoch == 1 or p.stopped:
+                row = p.metrics[-1]
+                losses = "  ".join(f"{k.replace('_', ' ')} {v:9.4f}" for k, v in row.items() if k.endswith("loss"))
+                skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
+                say(f"epoch {p.epoch:3d}  {losses}{skipped}  ({row['seconds']:.2f} s)")
+            if signals.received:
+                raise Interrupted(signals.received, run_dir, saved, p)
+    if p.stopped:
+        best = f"the best model, of epoch {p.best_epoch}, is in {run_dir / BEST}"
+        say(f"early stop: the valid loss has not improved for {t.patience} epochs; {best}")
+    return Run(run_dir, cfg, model, data, p.metrics)
+
+
+def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any, verbose: bool) -> None:
+    """Report an update skipped for a non-finite loss or gradient; stop training after limit in a row."""
+    if p.bad >= limit:
+        found = listing(run_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
+        raise VaekitError(
+            f"training stopped: the loss or its gradients were not finite in {limit} steps in a row (epoch "
+            f"{p.epoch + 1}, step {p.step + 1}); {last}; try a lower --lr or --set train.clip_grad=..."
+        )
+    if verbose and p.skipped == 1:
+        bar.write(
+            f"epoch {p.epoch + 1}, step {p.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr
+        )
+
+
+def _end_epoch(
+    cfg: Config, model: VAE, run_dir: Path, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float
+) -> None:
+    """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping."""
+    p.epoch, p.step, p.seconds, p.order = p.epoch + 1, 0, 0.0, None
+    model.eval()
+    row: dict[str, Any] = {"epoch": p.epoch, "train_loss": p.total.item() / p.used if p.used else math.nan}
+    row.update({f"{name}_loss": mean_loss(model, x, cfg.train.eval_batch_size) for name, x in held_out.items()})
+    p.metrics.append({**row, "skipped": p.skipped, "lr": lr, "seconds": seconds})
+    save_model(model, run_dir)
+    write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in p.metrics))
+    if row.get("valid_loss", math.inf) < p.best_loss:
+        p.best_loss, p.best_epoch = row["valid_loss"], p.epoch
+        save_model(model, run_dir / BEST)
+        write_text(run_dir / BEST / CONFIG, cfg.to_toml())
+    p.stopped = bool(cfg.train.patience) and p.epoch - p.best_epoch >= cfg.train.patience
