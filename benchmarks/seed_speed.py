@@ -13,18 +13,16 @@ unpacks the archives next to them.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import arguments, mnist_copy
 from torch import nn
 from torchvision import datasets, transforms
 
@@ -123,26 +121,15 @@ def run_vaekit(root: Path, epochs: int, out: Path) -> list[dict]:
 
 def main() -> None:
     """Run both loops alternately and print the comparison."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=2, help="each round runs both; the order alternates")
-    a = p.parse_args()
-    if not (Path(a.data_dir) / "MNIST" / "raw").is_dir():
-        sys.exit(f"no MNIST/raw under {a.data_dir}; pass --data-dir")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.epochs} epochs, {a.rounds} rounds")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "data"
-        shutil.copytree(Path(a.data_dir) / "MNIST", root / "MNIST")
+    a = arguments(__doc__, epochs=10)
+    with mnist_copy(a.data_dir) as (tmp, root):
         results: dict[str, list[list[dict]]] = {"tutorial": [], "vaekit": []}
         for r in range(a.rounds):
             order = ["tutorial", "vaekit"] if r % 2 == 0 else ["vaekit", "tutorial"]
             for name in order:
                 print(f"round {r + 1}: {name}")
                 rows = (
-                    run_tutorial(root, a.epochs)
-                    if name == "tutorial"
-                    else run_vaekit(root, a.epochs, Path(tmp) / f"run{r}")
+                    run_tutorial(root, a.epochs) if name == "tutorial" else run_vaekit(root, a.epochs, tmp / f"run{r}")
                 )
                 results[name].append(rows)
     seconds = {k: [row["seconds"] for rows in v for row in rows] for k, v in results.items()}

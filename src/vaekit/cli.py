@@ -39,8 +39,9 @@ def _build() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a VAE and save it as a run directory",
-        description="Train a VAE. Settings come from a preset, then --config, then the flags. Checkpoints go to "
-        "RUN/checkpoints; SIGINT (Ctrl-C) or SIGTERM saves one and stops, and --resume continues exactly.",
+        description="Train a VAE. Settings come from a preset, then --config, then the flags.\n"
+        "Checkpoints go to RUN/checkpoints; SIGINT (Ctrl-C) or SIGTERM saves one and stops,\n"
+        "and --resume continues the run exactly where it stopped.",
         epilog="examples: vaekit train --preset seed --data-dir ~/data --epochs 5\n"
         "          vaekit train --resume runs/seed-20260101-120000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
