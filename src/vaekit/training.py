@@ -258,9 +258,14 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
     p = Progress() if start is None else load_checkpoint(start, model, optimizer, scheduler, shuffle)
-    if p.stopped or p.epoch >= t.epochs:
-        why = f"stopped early at epoch {p.epoch}" if p.stopped else f"has finished its {p.epoch} epochs"
-        raise VaekitError(f"{out} {why}; there is nothing to resume (train longer with --epochs N)")
+    if p.stopped:
+        raise VaekitError(f"{out} stopped early at epoch {p.epoch}; its best model is in {Path(out) / BEST}")  # type: ignore[arg-type]
+    if p.epoch >= t.epochs:
+        raise VaekitError(f"{out} has finished its {p.epoch} epochs; to train it for longer, pass --epochs N")
+    if p.order is not None and len(p.order) != len(x_train):
+        raise VaekitError(
+            f"the training data now has {len(x_train)} examples, but the checkpoint was made with {len(p.order)}"
+        )
     run_dir = _run_dir(out, cfg) if fresh else Path(out)  # type: ignore[arg-type]
     write_text(run_dir / CONFIG, cfg.to_toml())
     say = print if verbose else (lambda *a, **k: None)
