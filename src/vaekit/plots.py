@@ -57,13 +57,16 @@ def image_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str | Path, n
 
 
 def loss_curves(metrics: list[dict[str, Any]], path: str | Path) -> Path:
-    """Training and test loss per epoch."""
+    """Training, validation and test loss per epoch."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     epochs = [m["epoch"] for m in metrics]
     marker = "." if len(epochs) <= 50 else None
-    ax.plot(epochs, [m["train_loss"] for m in metrics], marker=marker, label="train")
-    ax.plot(epochs, [m["test_loss"] for m in metrics], marker=marker, label="test")
+    for split in ("train", "valid", "test"):
+        if any(f"{split}_loss" in m for m in metrics):
+            # An epoch whose every update was skipped has no training loss (null): a gap in the curve.
+            losses = [np.nan if m.get(f"{split}_loss") is None else m[f"{split}_loss"] for m in metrics]
+            ax.plot(epochs, losses, marker=marker, label=split)
     ax.set_xlabel("epoch")
     ax.set_ylabel("negative ELBO (nats per example)")
     ax.set_title("loss")

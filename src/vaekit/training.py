@@ -317,18 +317,26 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
             if scheduler is not None:
                 scheduler.step()
             _end_epoch(cfg, model, run_dir, p, held_out, lr, time.perf_counter() - began)
-            saved = checkpoint()  # last, so that every file it stands for is already written
+            # Last, so that every file it stands for is already written; none in a streak of skipped steps.
+            if signals.received or not p.bad:
+                saved = checkpoint()
             if p.epoch % report_every == 0 or p.epoch == t.epochs or p.epoch == 1 or p.stopped:
-                row = p.metrics[-1]
-                losses = "  ".join(f"{k.replace('_', ' ')} {v:9.4f}" for k, v in row.items() if k.endswith("loss"))
-                skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
-                say(f"epoch {p.epoch:3d}  {losses}{skipped}  ({row['seconds']:.2f} s)")
-            if signals.received:
+                say(_report(p.metrics[-1]))
+            if signals.received and p.epoch < t.epochs and not p.stopped:
                 raise Interrupted(signals.received, run_dir, saved, p)
     if p.stopped:
         best = f"the best model, of epoch {p.best_epoch}, is in {run_dir / BEST}"
         say(f"early stop: the valid loss has not improved for {t.patience} epochs; {best}")
     return Run(run_dir, cfg, model, data, p.metrics)
+
+
+def _report(row: dict[str, Any]) -> str:
+    """One line on an epoch: its losses, skipped updates and seconds."""
+    losses = "  ".join(
+        f"{k.replace('_', ' ')} {'n/a' if v is None else f'{v:.4f}':>9}" for k, v in row.items() if k.endswith("loss")
+    )
+    skipped = f"  skipped {row['skipped']}" if row["skipped"] else ""
+    return f"epoch {row['epoch']:3d}  {losses}{skipped}  ({row['seconds']:.2f} s)"
 
 
 def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any, verbose: bool) -> None:
@@ -352,7 +360,7 @@ def _end_epoch(
     """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping."""
     p.epoch, p.step, p.seconds, p.order = p.epoch + 1, 0, 0.0, None
     model.eval()
-    row: dict[str, Any] = {"epoch": p.epoch, "train_loss": p.total.item() / p.used if p.used else math.nan}
+    row: dict[str, Any] = {"epoch": p.epoch, "train_loss": p.total.item() / p.used if p.used else None}
     row.update({f"{name}_loss": mean_loss(model, x, cfg.train.eval_batch_size) for name, x in held_out.items()})
     p.metrics.append({**row, "skipped": p.skipped, "lr": lr, "seconds": seconds})
     save_model(model, run_dir)
