@@ -8,16 +8,19 @@ table also runs as real processes to check what a user sees on stderr.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import vaekit
 from vaekit.cli import main
@@ -30,7 +33,7 @@ else:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_NAMES = {"latent.png", "manifold.png", "samples.png", "reconstructions.png", "loss.png", "interpolations.png"}
 N_TEST = 359  # digits holds 1797 examples; the default test_fraction of 0.2 holds out round(359.4) of them
-COMMANDS = ["train", "sample", "reconstruct", "encode", "decode", "plot"]
+COMMANDS = ["train", "evaluate", "sample", "reconstruct", "encode", "decode", "plot"]
 
 
 def vaekit_run(args: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -208,23 +211,43 @@ def test_help_of_each_command(command, capsys):
 
 # ---------------------------------------------------------------- bad inputs
 
-# Each builder gets (tmp_path, run) and returns (argv, output files the command names, train --out folder or None).
-Case = Callable[[Path, Path], tuple[list[str], list[Path], Path | None]]
+
+class Built(NamedTuple):
+    """A bad-input case, built: its argv, the output files it names, the train --out folder (or None), and text
+    that its error line must contain. Besides, no file may change anywhere in the test's folder or the shared run."""
+
+    argv: list[str]
+    outputs: list[Path]
+    out: Path | None
+    says: tuple[str, ...] = ()
+
+
+# Each builder gets (tmp_path, run) and returns a Built case.
+Case = Callable[[Path, Path], Built]
+
+
+def _says(case: Case, *texts: str) -> Case:
+    """The case, with texts that its error line must contain (the bad key, what is allowed)."""
+
+    def build(tmp: Path, run: Path) -> Built:
+        return case(tmp, run)._replace(says=texts)
+
+    return build
 
 
 def _train(*extra: str | Path, epochs: bool = True) -> Case:
-    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+    def build(tmp: Path, run: Path) -> Built:
         out = tmp / "out"
         argv = ["train", *(["--epochs", "1"] if epochs else []), "--no-plots", "--out", str(out), *map(str, extra)]
-        return argv, [], out
+        return Built(argv, [], out)
 
     return build
 
 
 def _train_with(make: Callable[[Path], list[str]]) -> Case:
-    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
-        argv, outputs, out = _train()(tmp, run)
-        return [*argv, *make(tmp)], outputs, out
+    def build(tmp: Path, run: Path) -> Built:
+        argv, outputs, out, _ = _train()(tmp, run)
+        return Built([*argv, *make(tmp)], outputs, out)
 
     return build
 
@@ -241,6 +264,34 @@ def _npy(array: np.ndarray | None, name: str = "data.npy") -> Callable[[Path], l
     return make
 
 
+def _npz(**arrays: np.ndarray) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        np.savez(tmp / "data.npz", **arrays)
+        return ["--data", str(tmp / "data.npz")]
+
+    return make
+
+
+def _touch(path: str) -> None:
+    Path(path).touch()
+
+
+class _Unpickled:
+    """An object whose unpickling creates a file beside the test's inputs: the evidence that it was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return _touch, (str(self.marker),)
+
+
+def _pickled_npy(tmp: Path) -> list[str]:
+    """A .npy of Python objects (stored as a pickle), which must be refused without being unpickled."""
+    np.save(tmp / "objects.npy", np.array([_Unpickled(tmp / "unpickled")] * 20, dtype=object))
+    return ["--data", str(tmp / "objects.npy")]
+
+
 def _file(name: str, text: str) -> Callable[[Path], list[str]]:
     def make(tmp: Path) -> list[str]:
         (tmp / name).write_text(text)
@@ -249,9 +300,45 @@ def _file(name: str, text: str) -> Callable[[Path], list[str]]:
     return make
 
 
+def _config(text: str) -> Case:
+    """train --config FILE holding text."""
+    return _train_with(_file("c.toml", text))
+
+
+def _images(n: int, bad: Callable[[bytes], bytes] | None = None) -> Callable[[Path], list[str]]:
+    """A folder of n valid 32x32 PNGs and, with bad, one more file bad.png made by bad(a valid PNG's bytes)."""
+
+    def make(tmp: Path) -> list[str]:
+        from PIL import Image
+
+        folder = tmp / "images"
+        folder.mkdir()
+        (folder / "notes.txt").write_text("not an image")
+        rng = np.random.default_rng(0)
+        png = tmp / "valid.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32), np.uint8)).save(png)
+        for i in range(n):
+            shutil.copy(png, folder / f"{i}.png")
+        if bad is not None:
+            (folder / "bad.png").write_bytes(bad(png.read_bytes()))
+        return ["--data", str(folder), "--image-size", "8"]
+
+    return make
+
+
+def _random_bytes(data: bytes) -> bytes:
+    return np.random.default_rng(1).integers(0, 256, len(data), np.uint8).tobytes()
+
+
 def _nan_images() -> np.ndarray:
     a = np.full((20, 4, 4), 0.5)
     a[5, 1, 1] = np.nan
+    return a
+
+
+def _inf_images() -> np.ndarray:
+    a = np.full((20, 4, 4), 0.5)
+    a[7, 2, 3] = np.inf
     return a
 
 
@@ -282,6 +369,9 @@ def _existing_run(tmp: Path, run: Path) -> Path:
     return run
 
 
+_copied_run = _damaged_run(lambda r: None)
+
+
 def _missing_run(tmp: Path, run: Path) -> Path:
     return tmp / "no-such-run"
 
@@ -301,134 +391,327 @@ def _garbage_weights(run: Path) -> None:
     (run / "model.safetensors").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
 
 
+def _foreign_weights(run: Path) -> None:
+    save_file({"w": torch.zeros(3)}, str(run / "model.safetensors"))
+
+
 def _other_latent(run: Path) -> None:
     description = json.loads((run / "model.json").read_text())
     description["model"]["latent"] = 3
     (run / "model.json").write_text(json.dumps(description))
 
 
+def _negative_latent(run: Path) -> None:
+    description = json.loads((run / "model.json").read_text())
+    description["model"]["latent"] = -1
+    (run / "model.json").write_text(json.dumps(description))
+
+
+def _write(name: str, data: bytes) -> Callable[[Path], None]:
+    """A damage: replace the run's file called name with data."""
+    return lambda run: (run / name).write_bytes(data)
+
+
+def _pickled_checkpoint(tmp: Path, run: Path) -> Path:
+    """A pickle (of a harmless dict) posing as a checkpoint file in a copy of the run."""
+    path = _copied_run(tmp, run) / "checkpoints" / "step-0000000001.safetensors"
+    path.write_bytes(pickle.dumps({"epoch": 1, "weights": [0.0, 1.0]}))
+    return path
+
+
+def _only_pickled_checkpoint(run: Path) -> None:
+    """The run's checkpoints replaced by one pickle (of a harmless dict), which --resume RUN then picks."""
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-0000000001.safetensors").write_bytes(pickle.dumps({"epoch": 1}))
+
+
+def _foreign_checkpoint(run: Path) -> None:
+    """A valid safetensors file without vaekit's metadata as the newest checkpoint."""
+    save_file({"w": torch.zeros(3)}, str(run / "checkpoints" / "step-0000009999.safetensors"))
+
+
 def _sample(where: Callable[[Path, Path], Path], *extra: str) -> Case:
-    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+    def build(tmp: Path, run: Path) -> Built:
         png, npy = tmp / "s.png", tmp / "s.npy"
-        return ["sample", str(where(tmp, run)), "-o", str(png), "--npy", str(npy), *extra], [png, npy], None
+        return Built(["sample", str(where(tmp, run)), "-o", str(png), "--npy", str(npy), *extra], [png, npy], None)
 
     return build
 
 
-def _reconstruct(*extra: str, n: str = "4") -> Case:
-    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+def _reconstruct(*extra: str, n: str = "4", where: Callable[[Path, Path], Path] = _existing_run) -> Case:
+    def build(tmp: Path, run: Path) -> Built:
         png = tmp / "r.png"
-        return ["reconstruct", str(run), "-n", n, "-o", str(png), *extra], [png], None
+        return Built(["reconstruct", str(where(tmp, run)), "-n", n, "-o", str(png), *extra], [png], None)
 
     return build
 
 
-def _decode(latents: np.ndarray | None) -> Case:
-    def build(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+def _encode(where: Callable[[Path, Path], Path], *extra: str) -> Case:
+    def build(tmp: Path, run: Path) -> Built:
+        npy = tmp / "z.npy"
+        return Built(["encode", str(where(tmp, run)), "-o", str(npy), *extra], [npy], None)
+
+    return build
+
+
+def _evaluate(where: Callable[[Path, Path], Path], *extra: str, k: str = "2") -> Case:
+    """evaluate with few importance samples (quick, should the input be taken) and its summary saved in the run."""
+
+    def build(tmp: Path, run: Path) -> Built:
+        path = where(tmp, run)
+        outputs = [path / "evaluation.json", path / "evaluation.npz"]
+        return Built(["evaluate", str(path), "--k", k, *extra], outputs, None)
+
+    return build
+
+
+def _decode(latents: np.ndarray | bytes | None) -> Case:
+    """decode of a latents .npy holding the array, or the raw bytes; None: no such file."""
+
+    def build(tmp: Path, run: Path) -> Built:
         path, png, npy = tmp / "z.npy", tmp / "d.png", tmp / "d.npy"
-        if latents is not None:
+        if isinstance(latents, bytes):
+            path.write_bytes(latents)
+        elif latents is not None:
             np.save(path, latents)
-        return ["decode", str(run), str(path), "-o", str(png), "--npy", str(npy)], [png, npy], None
+        return Built(["decode", str(run), str(path), "-o", str(png), "--npy", str(npy)], [png, npy], None)
 
     return build
 
 
-def _train_out_is_a_file(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+def _resume(where: Callable[[Path, Path], Path], *extra: str) -> Case:
+    """train --resume of what where gives (a copy of the run, changed or not, unless it is missing)."""
+
+    def build(tmp: Path, run: Path) -> Built:
+        return Built(["train", "--resume", str(where(tmp, run)), *extra], [], None)
+
+    return build
+
+
+def _train_out_is_a_file(tmp: Path, run: Path) -> Built:
     (tmp / "afile").write_text("keep me")
-    return ["train", "--epochs", "1", "--no-plots", "--out", str(tmp / "afile")], [], None
+    return Built(["train", "--epochs", "1", "--no-plots", "--out", str(tmp / "afile")], [], None)
 
 
-def _sample_out_is_a_folder(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+def _sample_out_is_a_folder(tmp: Path, run: Path) -> Built:
     (tmp / "afolder").mkdir()
     npy = tmp / "s.npy"
-    return ["sample", str(run), "-n", "4", "-o", str(tmp / "afolder"), "--npy", str(npy)], [npy], None
+    return Built(["sample", str(run), "-n", "4", "-o", str(tmp / "afolder"), "--npy", str(npy)], [npy], None)
 
 
-def _sample_npy_is_a_folder(tmp: Path, run: Path) -> tuple[list[str], list[Path], Path | None]:
+def _sample_npy_is_a_folder(tmp: Path, run: Path) -> Built:
     (tmp / "adir").mkdir()
     png = tmp / "s.png"
-    return ["sample", str(run), "-n", "4", "-o", str(png), "--npy", str(tmp / "adir")], [png], None
+    return Built(["sample", str(run), "-n", "4", "-o", str(png), "--npy", str(tmp / "adir")], [png], None)
 
 
-def _with_nan(a: np.ndarray) -> np.ndarray:
+def _with(a: np.ndarray, value: float) -> np.ndarray:
     a = a.copy()
-    a[1, 0] = np.nan
+    a[1, 0] = value
     return a
 
 
 BAD_INPUTS = [
+    # options and commands
     pytest.param(_train("--preset", "nope"), id="unknown-preset"),
     pytest.param(_train("--bogus"), id="unknown-option"),
     pytest.param(_train("--epochs", "many"), id="epochs-not-an-integer"),
     pytest.param(_train("--hidden", "64,x"), id="hidden-not-integers"),
-    pytest.param(lambda tmp, run: (["nope"], [], None), id="unknown-command"),
+    pytest.param(lambda tmp, run: Built(["nope"], [], None), id="unknown-command"),
+    pytest.param(_train("--activation", "nope"), id="unknown-activation"),
+    pytest.param(_train("--lr", "inf"), id="lr-infinite"),
+    pytest.param(_train_with(_cuda), id="device-cuda-unavailable"),
+    pytest.param(_train("--device", "nonsense"), id="device-unknown"),
+    # data: missing and empty files, wrong shapes and dtypes, NaN/Inf values, pickles
     pytest.param(_train("--data", "no-such-data"), id="unknown-data-name"),
     pytest.param(_train_with(lambda tmp: ["--data", str(tmp / "missing.npy")]), id="missing-npy"),
-    pytest.param(_train_with(_npy(_nan_images())), id="npy-with-nan"),
-    pytest.param(_train_with(_npy(np.zeros((4, 1, 2, 3, 3)))), id="npy-5d"),
-    pytest.param(_train_with(_npy(np.full((20, 4, 4), 2.0))), id="npy-above-one"),
     pytest.param(_train_with(_npy(None)), id="npy-empty-file"),
+    pytest.param(_train_with(_npy(None, "data.npz")), id="npz-empty-file"),
+    pytest.param(_train_with(_npy(np.zeros((1, 4, 4)))), id="npy-one-example"),
+    pytest.param(_train_with(_npy(np.zeros((4, 1, 2, 3, 3)))), id="npy-5d"),
+    pytest.param(_train_with(_npy(np.linspace(0, 1, 20))), id="npy-1d"),
+    pytest.param(_train_with(_npy(np.full((20, 4, 4), "abc"))), id="npy-strings"),
+    pytest.param(_train_with(_pickled_npy), id="npy-objects-not-unpickled"),
+    pytest.param(_train_with(_npy(_nan_images())), id="npy-with-nan"),
+    pytest.param(_train_with(_npy(_inf_images())), id="npy-with-inf"),
+    pytest.param(_train_with(_npy(np.full((20, 4, 4), 2.0))), id="npy-above-one"),
+    pytest.param(_train_with(_npz(images=np.zeros((20, 4, 4)), labels=np.zeros(20, int))), id="npz-without-x"),
+    pytest.param(_train_with(_npz(x=np.zeros((20, 4, 4)), y=np.zeros(19, int))), id="npz-labels-wrong-length"),
+    pytest.param(_train_with(_empty_data_dir), id="mnist-no-download-empty-dir"),
+    # image folders
+    pytest.param(_train_with(_images(0)), id="images-none-in-folder"),
+    pytest.param(_train_with(_images(4, _random_bytes)), id="images-one-random-bytes-png"),
+    pytest.param(_train_with(_images(4, lambda png: png[: len(png) // 2])), id="images-one-truncated-png"),
+    pytest.param(_train_with(_images(4, lambda png: b"")), id="images-one-empty-png"),
+    # configuration: --set and TOML files with unknown keys, invalid values and wrong types
     # without --epochs 1, which would override the --set
     pytest.param(_train("--set", "train.epochs=0", epochs=False), id="set-epochs-zero"),
     pytest.param(_train("--set", "model.nope=1"), id="set-unknown-key"),
     pytest.param(_train("--set", "train.lr=abc"), id="set-lr-wrong-type"),
     pytest.param(_train("--set", "nodot"), id="set-malformed"),
-    pytest.param(_train("--activation", "nope"), id="unknown-activation"),
-    pytest.param(_train_with(_file("c.toml", "[train]\nnope = 1\n")), id="config-unknown-key"),
-    pytest.param(_train_with(_file("c.toml", "[train\nepochs = = 3\n")), id="config-not-toml"),
+    pytest.param(_train("--set", "model.net=transformer"), id="set-unknown-net"),
+    pytest.param(_config("[train]\nnope = 1\n"), id="config-unknown-key"),
+    pytest.param(_config("[train\nepochs = = 3\n"), id="config-not-toml"),
     pytest.param(_train_with(lambda tmp: ["--config", str(tmp / "missing.toml")]), id="config-missing"),
-    pytest.param(_train_with(_empty_data_dir), id="mnist-no-download-empty-dir"),
-    pytest.param(_train_with(_cuda), id="device-cuda-unavailable"),
-    pytest.param(_train("--device", "nonsense"), id="device-unknown"),
+    pytest.param(_config("train = 5\n"), id="config-section-not-a-table"),
+    pytest.param(
+        _says(_config("[model]\nlatent = -1\n"), "'model.latent'", "integer >= 1"), id="config-latent-negative"
+    ),
+    pytest.param(
+        _says(_config('[train]\noptimizer = "Nope"\n'), "train.optimizer", "'Nope'", "Adam, "), id="config-optimizer"
+    ),
+    pytest.param(
+        _says(_config("[data]\ntest_fraction = 1.5\n"), "'data.test_fraction'", "between 0 and 1"),
+        id="config-test-fraction-above-one",
+    ),
+    pytest.param(
+        _says(_config("[train]\npatience = -1\n"), "'train.patience'", "integer >= 0"), id="config-patience-negative"
+    ),
+    pytest.param(
+        _says(_config("[train]\nkeep_checkpoints = 0\n"), "'train.keep_checkpoints'", "integer >= 1"),
+        id="config-keep-checkpoints-zero",
+    ),
+    pytest.param(_config("[train]\nskip_limit = 0\n"), id="config-skip-limit-zero"),
+    pytest.param(_config("[train]\ncheckpoint_every = -1\n"), id="config-checkpoint-every-negative"),
+    pytest.param(_says(_config("[train]\npatience = 3\n"), "data.validation"), id="config-patience-without-valid"),
+    pytest.param(_says(_config('[model]\nhidden = "wide"\n'), "'model.hidden'", "list"), id="config-hidden-a-string"),
+    pytest.param(_says(_config("[model]\nlatent = 2.5\n"), "'model.latent'", "int"), id="config-latent-a-float"),
+    pytest.param(_config("[model]\nlatent = true\n"), id="config-latent-a-boolean"),
+    pytest.param(_config('[train]\nscheduler = "nope"\n'), id="config-unknown-scheduler"),
+    pytest.param(_config("[train]\noptimizer_args = {nope = 1}\n"), id="config-bad-optimizer-args"),
+    # impossible sizes
+    pytest.param(_says(_train("--image-size", "0"), "'data.image_size'"), id="image-size-zero"),
+    pytest.param(_train("--image-size", "5000"), id="image-size-too-large"),
+    pytest.param(_says(_train("--batch-size", "0"), "'train.batch_size'"), id="batch-size-zero"),
+    pytest.param(_says(_train("--latent", "0"), "'model.latent'"), id="latent-zero"),
+    pytest.param(_says(_train("--hidden", "0"), "'model.hidden'"), id="hidden-zero"),
+    pytest.param(_train("--k", "0"), id="train-k-zero"),
+    pytest.param(_train("--set", "model.channels=[]"), id="conv-channels-empty"),
+    pytest.param(_train("--set", "data.validation=100000"), id="validation-larger-than-data"),
+    # 4x4 images pass 2 stride-2 convolutions (4, 2, 1) but not 3; 2x2 images not even the default 2
+    pytest.param(
+        _train_with(
+            lambda tmp: [
+                *_npy(np.zeros((20, 1, 4, 4)))(tmp),
+                "--set",
+                "model.net=conv",
+                "--set",
+                "model.channels=[8, 8, 8]",
+            ]
+        ),  # fmt: skip
+        id="conv-images-4x4-too-small",
+    ),
+    pytest.param(
+        _train_with(lambda tmp: [*_npy(np.zeros((20, 1, 2, 2)))(tmp), "--set", "model.net=conv"]),
+        id="conv-images-2x2-too-small",
+    ),
+    pytest.param(
+        _train_with(lambda tmp: [*_npy(np.zeros((20, 6)))(tmp), "--set", "model.net=conv"]), id="conv-on-vectors"
+    ),
+    # run directories: missing, foreign, truncated and empty model files
     pytest.param(_sample(_missing_run), id="sample-missing-run"),
     pytest.param(_sample(_not_a_run), id="sample-not-a-run"),
     pytest.param(_sample(_damaged_run(_truncate_weights)), id="weights-truncated"),
     pytest.param(_sample(_damaged_run(_garbage_weights)), id="weights-garbage"),
+    pytest.param(_sample(_damaged_run(_write("model.safetensors", b""))), id="weights-empty"),
+    pytest.param(_sample(_damaged_run(_foreign_weights)), id="weights-foreign-safetensors"),
     pytest.param(_sample(_damaged_run(lambda r: (r / "model.safetensors").unlink())), id="weights-missing"),
     pytest.param(_sample(_damaged_run(_other_latent)), id="description-other-latent"),
+    pytest.param(_sample(_damaged_run(_negative_latent)), id="description-latent-negative"),
     pytest.param(_sample(_damaged_run(lambda r: (r / "model.json").write_text("{"))), id="description-not-json"),
+    pytest.param(_sample(_damaged_run(_write("model.json", b""))), id="description-empty"),
+    pytest.param(_sample(_damaged_run(_write("model.json", b'{"a": 1}'))), id="description-foreign-json"),
+    pytest.param(_reconstruct(where=_damaged_run(_write("config.toml", b""))), id="reconstruct-config-empty"),
+    pytest.param(_encode(_damaged_run(_write("config.toml", b""))), id="encode-config-empty"),
+    pytest.param(_encode(_damaged_run(_write("config.toml", b"[data\n"))), id="encode-config-not-toml"),
+    pytest.param(_encode(_damaged_run(lambda r: (r / "config.toml").unlink())), id="encode-config-missing"),
+    # sample, reconstruct, encode, decode
     pytest.param(_sample(_existing_run, "-n", "0"), id="sample-n-zero"),
-    pytest.param(_decode(np.zeros((5, 3), np.float32)), id="decode-wrong-width"),
-    pytest.param(_decode(_with_nan(np.zeros((5, 2), np.float32))), id="decode-nan"),
-    pytest.param(_decode(None), id="decode-missing-latents"),
+    pytest.param(_sample(_existing_run, "--seed", "-1"), id="sample-seed-negative"),
     pytest.param(_reconstruct("--split", "nope"), id="reconstruct-unknown-split"),
     pytest.param(_reconstruct(n="0"), id="reconstruct-n-zero"),
     pytest.param(_reconstruct(n="-1"), id="reconstruct-n-negative"),
-    pytest.param(_train("--lr", "inf"), id="lr-infinite"),
+    pytest.param(_encode(_existing_run, "--split", "nope"), id="encode-unknown-split"),
+    pytest.param(_decode(np.zeros((5, 3), np.float32)), id="decode-wrong-width"),
+    pytest.param(_decode(np.zeros(2, np.float32)), id="decode-1d"),
+    pytest.param(_decode(_with(np.zeros((5, 2), np.float32), np.nan)), id="decode-nan"),
+    pytest.param(_decode(_with(np.zeros((5, 2), np.float32), np.inf)), id="decode-inf"),
+    pytest.param(_decode(None), id="decode-missing-latents"),
+    pytest.param(_decode(b""), id="decode-latents-empty-file"),
+    pytest.param(_decode(np.zeros((0, 2), np.float32)), id="decode-no-latents"),
+    pytest.param(_decode(np.full((5, 2), "abc")), id="decode-latents-strings"),
+    pytest.param(_decode(np.array([[0.5, {"a": 1}]], dtype=object)), id="decode-latents-objects"),
+    # evaluate
+    pytest.param(_evaluate(_existing_run, k="0"), id="evaluate-k-zero"),
+    pytest.param(_evaluate(_existing_run, k="20000000"), id="evaluate-k-too-large"),
+    pytest.param(_says(_evaluate(_existing_run, "--split", "nope"), "'nope'", "train, test"), id="evaluate-split"),
+    pytest.param(_evaluate(_existing_run, "--max-elements", "0"), id="evaluate-max-elements-zero"),
+    pytest.param(_evaluate(_existing_run, "--seed", "-1"), id="evaluate-seed-negative"),
+    pytest.param(_evaluate(_existing_run, "--device", "nonsense"), id="evaluate-device-unknown"),
+    pytest.param(_evaluate(_missing_run), id="evaluate-missing-run"),
+    pytest.param(_evaluate(_damaged_run(_truncate_weights)), id="evaluate-weights-truncated"),
+    pytest.param(_evaluate(_damaged_run(_foreign_weights)), id="evaluate-weights-foreign"),
+    pytest.param(_evaluate(_damaged_run(_write("config.toml", b""))), id="evaluate-config-empty"),
+    # train --resume: the run's files must stay byte-identical
+    pytest.param(_resume(_missing_run), id="resume-missing"),
+    pytest.param(_resume(_not_a_run), id="resume-not-a-run"),
+    pytest.param(_says(_resume(_copied_run, "--lr", "0.1"), "train.lr", "--epochs"), id="resume-with-lr"),
+    pytest.param(_resume(_copied_run, "--set", "model.latent=3"), id="resume-with-set"),
+    pytest.param(_resume(_copied_run, "--out", "elsewhere"), id="resume-with-out"),
+    pytest.param(_resume(_copied_run, "--epochs", "0"), id="resume-epochs-zero"),
+    pytest.param(_says(_resume(_copied_run), "finished its 2 epochs"), id="resume-finished-run"),
+    pytest.param(_resume(_copied_run, "--epochs", "1"), id="resume-finished-run-fewer-epochs"),
+    pytest.param(_resume(_pickled_checkpoint), id="resume-pickle-as-checkpoint-file"),
+    pytest.param(_resume(_damaged_run(_only_pickled_checkpoint)), id="resume-pickle-as-newest-checkpoint"),
+    pytest.param(_resume(_damaged_run(_foreign_checkpoint)), id="resume-foreign-safetensors-checkpoint"),
+    pytest.param(_resume(lambda tmp, run: _copied_run(tmp, run) / "model.safetensors"), id="resume-not-a-checkpoint"),
+    # outputs that cannot be written
     pytest.param(_train_out_is_a_file, id="train-out-is-a-file"),
     pytest.param(_sample_out_is_a_folder, id="sample-out-is-a-folder"),
     pytest.param(_sample_npy_is_a_folder, id="sample-npy-is-a-folder-png-not-written"),
 ]
 
 # Bad inputs also run as real `python -m vaekit` processes, one of each kind of failure.
-REAL_PROCESS_IDS = ["unknown-option", "npy-with-nan", "weights-garbage"]
+REAL_PROCESS_IDS = ["unknown-option", "npy-with-nan", "weights-garbage", "resume-pickle-as-checkpoint-file"]
 
 
-def _check_failure(code: int | str | None, stderr: str, outputs: list[Path], out: Path | None) -> None:
+def _files(*folders: Path) -> dict[Path, bytes | None]:
+    """Every file (with its bytes) and folder (None) in folders."""
+    return {p: p.read_bytes() if p.is_file() else None for f in folders for p in [f, *f.rglob("*")]}
+
+
+def _check_failure(code: int | str | None, stderr: str, built: Built, before: dict, after: dict) -> None:
     lines = stderr.splitlines()
     assert code == 2, f"exit code {code}, stderr:\n{stderr}"
     assert "Traceback" not in stderr
     assert len(lines) == 1, f"stderr is not one line:\n{stderr}"
     assert lines[0].startswith("vaekit") and "error" in lines[0], lines[0]
-    for path in outputs:
+    for text in built.says:
+        assert text in lines[0], f"{text!r} not in the error line: {lines[0]}"
+    for path in built.outputs:
         assert not path.exists(), f"{path} was written"
-    if out is not None:
-        assert not (out / "config.toml").exists()
-        assert not (out / "model.json").exists()
+    if built.out is not None:
+        assert not (built.out / "config.toml").exists()
+        assert not (built.out / "model.json").exists()
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    changed = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+    assert not (added or removed or changed), f"files added {added}, removed {removed}, changed {changed}"
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_fails_with_one_line_and_exit_code_2(case, trained, tmp_path, monkeypatch, capsys):
-    """A bad input exits with code 2 and one error line on stderr, writing none of its outputs."""
+    """A bad input exits with code 2 and one error line on stderr, writing or changing no file."""
     ok(trained["result"])
-    argv, outputs, out = case(tmp_path, trained["run"])
+    built = case(tmp_path, trained["run"])
+    before = _files(tmp_path, trained["run"])
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     try:
-        code = main(argv)
+        code = main(built.argv)
     except SystemExit as e:  # argparse exits rather than returning
         code = e.code
-    _check_failure(code, capsys.readouterr().err, outputs, out)
+    _check_failure(code, capsys.readouterr().err, built, before, _files(tmp_path, trained["run"]))
 
 
 def test_bad_inputs_in_real_processes(trained, tmp_path):
@@ -440,11 +723,13 @@ def test_bad_inputs_in_real_processes(trained, tmp_path):
     for name, case in cases.items():
         (tmp_path / name).mkdir()
         built[name] = case(tmp_path / name, trained["run"])
-    results = vaekit_run_all({name: argv for name, (argv, _, _) in built.items()}, tmp_path)
-    for name, (_, outputs, out) in built.items():
+    before = _files(tmp_path, trained["run"])
+    results = vaekit_run_all({name: b.argv for name, b in built.items()}, tmp_path)
+    after = _files(tmp_path, trained["run"])
+    for name, b in built.items():
         result = results[name]
         try:
-            _check_failure(result.returncode, result.stderr, outputs, out)
+            _check_failure(result.returncode, result.stderr, b, before, after)
         except AssertionError as e:
             raise AssertionError(f"case {name}: {e}") from None
 

@@ -253,7 +253,7 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
     if t.patience and "valid" not in data.splits:
         raise VaekitError("train.patience needs a validation split: hold one out with --set data.validation=N")
     x_train = data.split("train").x.to(device)
-    held_out = {name: s.x.to(device) for name, s in data.splits.items() if name in ("valid", "test")}
+    held_out = {name: data.splits[name].x.to(device) for name in ("valid", "test") if name in data.splits}
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
