@@ -326,6 +326,16 @@ def _images(n: int, bad: Callable[[bytes], bytes] | None = None) -> Callable[[Pa
     return make
 
 
+def _conv(shape: tuple[int, ...], *settings: str) -> Callable[[Path], list[str]]:
+    """--data of zeros of this shape with the conv net and further --set settings."""
+
+    def make(tmp: Path) -> list[str]:
+        sets = [arg for setting in ["model.net=conv", *settings] for arg in ("--set", setting)]
+        return [*_npy(np.zeros(shape))(tmp), *sets]
+
+    return make
+
+
 def _random_bytes(data: bytes) -> bytes:
     return np.random.default_rng(1).integers(0, 256, len(data), np.uint8).tobytes()
 
@@ -431,6 +441,12 @@ def _foreign_checkpoint(run: Path) -> None:
     save_file({"w": torch.zeros(3)}, str(run / "checkpoints" / "step-0000009999.safetensors"))
 
 
+def _truncate_checkpoint(run: Path) -> None:
+    """The newest checkpoint cut in half."""
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+
 def _sample(where: Callable[[Path, Path], Path], *extra: str) -> Case:
     def build(tmp: Path, run: Path) -> Built:
         png, npy = tmp / "s.png", tmp / "s.npy"
@@ -484,7 +500,7 @@ def _resume(where: Callable[[Path, Path], Path], *extra: str) -> Case:
     """train --resume of what where gives (a copy of the run, changed or not, unless it is missing)."""
 
     def build(tmp: Path, run: Path) -> Built:
-        return Built(["train", "--resume", str(where(tmp, run)), *extra], [], None)
+        return Built(["train", "--resume", str(where(tmp, run)), "--no-plots", *extra], [], None)
 
     return build
 
@@ -511,6 +527,25 @@ def _with(a: np.ndarray, value: float) -> np.ndarray:
     a[1, 0] = value
     return a
 
+
+# Bugs in src/ that these rows find; each is described with a command that shows it in the rows' reasons.
+_BUG_EMPTY_RUN_CONFIG = pytest.mark.xfail(
+    strict=True,
+    reason="bug: a run's empty config.toml is read as the default configuration (vaekit.rundir.load_config, "
+    "from_dict fills every missing key) instead of being refused, e.g. `vaekit encode RUN` exits 0 after "
+    "`: > RUN/config.toml`",
+)
+_BUG_ALLOCATION = pytest.mark.xfail(
+    strict=True,
+    reason="bug: torch's CPU allocator says \"can't allocate memory\", which cli.main does not take for running out of "
+    "memory: `vaekit train --latent 1000000000000000` ends in a RuntimeError traceback with exit code 1",
+)
+_BUG_OVERFLOW = pytest.mark.xfail(
+    strict=True,
+    reason="bug: sizes whose tensors cannot be indexed with int64 are not refused: `vaekit train --hidden "
+    "4611686018427387904` ends in a RuntimeError (storage size overflow) traceback, `--latent "
+    "99999999999999999999999` in a TypeError one, with exit code 1",
+)
 
 BAD_INPUTS = [
     # options and commands
@@ -590,25 +625,17 @@ BAD_INPUTS = [
     pytest.param(_train("--set", "model.channels=[]"), id="conv-channels-empty"),
     pytest.param(_train("--set", "data.validation=100000"), id="validation-larger-than-data"),
     # 4x4 images pass 2 stride-2 convolutions (4, 2, 1) but not 3; 2x2 images not even the default 2
+    pytest.param(_train_with(_conv((20, 1, 4, 4), "model.channels=[8, 8, 8]")), id="conv-images-4x4-too-small"),
+    pytest.param(_train_with(_conv((20, 1, 2, 2))), id="conv-images-2x2-too-small"),
+    pytest.param(_train_with(_conv((20, 6))), id="conv-on-vectors"),
+    # sizes past what can be allocated or indexed
+    pytest.param(_train("--latent", "1000000000000000"), marks=_BUG_ALLOCATION, id="latent-too-large-to-allocate"),
     pytest.param(
-        _train_with(
-            lambda tmp: [
-                *_npy(np.zeros((20, 1, 4, 4)))(tmp),
-                "--set",
-                "model.net=conv",
-                "--set",
-                "model.channels=[8, 8, 8]",
-            ]
-        ),  # fmt: skip
-        id="conv-images-4x4-too-small",
+        _sample(_existing_run, "-n", "100000000000000000"), marks=_BUG_ALLOCATION, id="sample-n-too-large-to-allocate"
     ),
-    pytest.param(
-        _train_with(lambda tmp: [*_npy(np.zeros((20, 1, 2, 2)))(tmp), "--set", "model.net=conv"]),
-        id="conv-images-2x2-too-small",
-    ),
-    pytest.param(
-        _train_with(lambda tmp: [*_npy(np.zeros((20, 6)))(tmp), "--set", "model.net=conv"]), id="conv-on-vectors"
-    ),
+    pytest.param(_train("--hidden", "4611686018427387904"), marks=_BUG_OVERFLOW, id="hidden-overflows-int64"),
+    pytest.param(_sample(_existing_run, "-n", "4611686018427387904"), marks=_BUG_OVERFLOW, id="sample-n-overflows"),
+    pytest.param(_train("--latent", "99999999999999999999999"), marks=_BUG_OVERFLOW, id="latent-beyond-int64"),
     # run directories: missing, foreign, truncated and empty model files
     pytest.param(_sample(_missing_run), id="sample-missing-run"),
     pytest.param(_sample(_not_a_run), id="sample-not-a-run"),
@@ -622,8 +649,14 @@ BAD_INPUTS = [
     pytest.param(_sample(_damaged_run(lambda r: (r / "model.json").write_text("{"))), id="description-not-json"),
     pytest.param(_sample(_damaged_run(_write("model.json", b""))), id="description-empty"),
     pytest.param(_sample(_damaged_run(_write("model.json", b'{"a": 1}'))), id="description-foreign-json"),
-    pytest.param(_reconstruct(where=_damaged_run(_write("config.toml", b""))), id="reconstruct-config-empty"),
-    pytest.param(_encode(_damaged_run(_write("config.toml", b""))), id="encode-config-empty"),
+    pytest.param(
+        _reconstruct(where=_damaged_run(_write("config.toml", b""))),
+        id="reconstruct-config-empty",
+        marks=_BUG_EMPTY_RUN_CONFIG,
+    ),
+    pytest.param(
+        _encode(_damaged_run(_write("config.toml", b""))), id="encode-config-empty", marks=_BUG_EMPTY_RUN_CONFIG
+    ),
     pytest.param(_encode(_damaged_run(_write("config.toml", b"[data\n"))), id="encode-config-not-toml"),
     pytest.param(_encode(_damaged_run(lambda r: (r / "config.toml").unlink())), id="encode-config-missing"),
     # sample, reconstruct, encode, decode
@@ -652,7 +685,9 @@ BAD_INPUTS = [
     pytest.param(_evaluate(_missing_run), id="evaluate-missing-run"),
     pytest.param(_evaluate(_damaged_run(_truncate_weights)), id="evaluate-weights-truncated"),
     pytest.param(_evaluate(_damaged_run(_foreign_weights)), id="evaluate-weights-foreign"),
-    pytest.param(_evaluate(_damaged_run(_write("config.toml", b""))), id="evaluate-config-empty"),
+    pytest.param(
+        _evaluate(_damaged_run(_write("config.toml", b""))), id="evaluate-config-empty", marks=_BUG_EMPTY_RUN_CONFIG
+    ),
     # train --resume: the run's files must stay byte-identical
     pytest.param(_resume(_missing_run), id="resume-missing"),
     pytest.param(_resume(_not_a_run), id="resume-not-a-run"),
@@ -665,6 +700,13 @@ BAD_INPUTS = [
     pytest.param(_resume(_pickled_checkpoint), id="resume-pickle-as-checkpoint-file"),
     pytest.param(_resume(_damaged_run(_only_pickled_checkpoint)), id="resume-pickle-as-newest-checkpoint"),
     pytest.param(_resume(_damaged_run(_foreign_checkpoint)), id="resume-foreign-safetensors-checkpoint"),
+    pytest.param(_resume(_damaged_run(_truncate_checkpoint)), id="resume-truncated-checkpoint"),
+    # with --epochs 3, so that the bug costs one epoch of training rather than eight (the default is 10)
+    pytest.param(
+        _resume(_damaged_run(_write("config.toml", b"")), "--epochs", "3"),
+        marks=_BUG_EMPTY_RUN_CONFIG,
+        id="resume-config-empty",
+    ),
     pytest.param(_resume(lambda tmp, run: _copied_run(tmp, run) / "model.safetensors"), id="resume-not-a-checkpoint"),
     # outputs that cannot be written
     pytest.param(_train_out_is_a_file, id="train-out-is-a-file"),
