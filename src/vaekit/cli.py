@@ -245,6 +245,10 @@ def _wrote(*paths: Path | str | None) -> str:
     return "wrote " + " and ".join(str(p) for p in paths if p)
 
 
+# How torch's allocators (CPU, CUDA, MPS) say that a requested size cannot be had.
+_MEMORY_ERRORS = ("out of memory", "not enough memory", "can't allocate memory", "size calculation overflowed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vaekit` command."""
     args = _build().parse_args(argv)
@@ -281,14 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (MemoryError, RuntimeError) as e:
         # Sizes a user asked for (huge images, layers or sample counts) can exhaust memory: their error, not a bug.
-        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "not enough memory" in str(e)):
+        if args.debug or not (isinstance(e, MemoryError) or any(m in str(e) for m in _MEMORY_ERRORS)):
             raise
-        if args.debug:
-            raise
-        print(
-            f"vaekit: error: out of memory ({str(e).splitlines()[0] if str(e) else 'allocation failed'})",
-            file=sys.stderr,
-        )
+        detail = str(e).splitlines()[0] if str(e) else "allocation failed"
+        print(f"vaekit: error: out of memory ({detail.split(' (Triggered internally')[0]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         from .training import Interrupted

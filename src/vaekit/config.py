@@ -262,29 +262,34 @@ def make_config(
     return override(cfg, overrides)
 
 
+# Layer widths, latent sizes and batch sizes beyond this cannot be allocated on any current machine.
+MAX_SIZE = 2**24
+SIZE = "an integer from 1 to 2**24"
+
+
 def validate(cfg: Config) -> None:
     """Reject values that cannot work, naming the key and what is allowed."""
     checks = [
-        ("train.epochs", cfg.train.epochs >= 1, "an integer >= 1"),
-        ("train.batch_size", cfg.train.batch_size >= 1, "an integer >= 1"),
-        ("train.eval_batch_size", cfg.train.eval_batch_size >= 1, "an integer >= 1"),
+        ("train.epochs", 1 <= cfg.train.epochs <= 10**9, "an integer from 1 to 10**9"),
+        ("train.batch_size", 1 <= cfg.train.batch_size <= MAX_SIZE, SIZE),
+        ("train.eval_batch_size", 1 <= cfg.train.eval_batch_size <= MAX_SIZE, SIZE),
         ("train.lr", 0 < cfg.train.lr < math.inf, "a finite number > 0"),
         ("train.seed", 0 <= cfg.train.seed < 2**63, "an integer from 0 to 2**63 - 1"),
-        ("model.latent", cfg.model.latent >= 1, "an integer >= 1"),
-        ("model.hidden", all(h >= 1 for h in cfg.model.hidden), "a list of integers >= 1"),
-        ("model.hidden2", all(h >= 1 for h in cfg.model.hidden2), "a list of integers >= 1"),
-        ("model.latent2", cfg.model.latent2 >= 0, "an integer >= 0 (0: one stochastic layer)"),
+        ("model.latent", 1 <= cfg.model.latent <= MAX_SIZE, SIZE),
+        ("model.hidden", all(1 <= h <= MAX_SIZE for h in cfg.model.hidden), "a list of integers from 1 to 2**24"),
+        ("model.hidden2", all(1 <= h <= MAX_SIZE for h in cfg.model.hidden2), "a list of integers from 1 to 2**24"),
+        ("model.latent2", 0 <= cfg.model.latent2 <= MAX_SIZE, "an integer from 0 (one stochastic layer) to 2**24"),
         (
             "model.channels",
-            len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
-            "a non-empty list of integers >= 1",
+            len(cfg.model.channels) >= 1 and all(1 <= c <= MAX_SIZE for c in cfg.model.channels),
+            f"a non-empty list of {SIZE}s",
         ),
         ("model.net", cfg.model.net in ("mlp", "conv"), "mlp or conv"),
         ("model.variance", cfg.model.variance in ("fixed", "global", "per-dim"), "fixed, global or per-dim"),
         ("model.sigma", 0 < cfg.model.sigma < math.inf, "a finite number > 0"),
-        ("model.mixtures", cfg.model.mixtures >= 1, "an integer >= 1"),
+        ("model.mixtures", 1 <= cfg.model.mixtures <= 1024, "an integer from 1 to 1024"),
         ("train.objective", cfg.train.objective in ("elbo", "iwae"), "elbo or iwae"),
-        ("train.k", cfg.train.k >= 1, "an integer >= 1"),
+        ("train.k", 1 <= cfg.train.k <= MAX_SIZE, SIZE),
         ("train.beta", 0 <= cfg.train.beta < math.inf, "a finite number >= 0"),
         ("train.warmup", cfg.train.warmup >= 0, "an integer >= 0"),
         ("train.free_bits", 0 <= cfg.train.free_bits < math.inf, "a finite number >= 0"),

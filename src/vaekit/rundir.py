@@ -128,7 +128,13 @@ def load_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise VaekitError(f"{run_dir} is not a vaekit run: {CONFIG} is missing")
-    return from_dict(read_toml(path))
+    raw = read_toml(path)
+    # Keys added in later versions may be missing and take their defaults; these were always written.
+    for key in ("data.name", "model.latent", "model.hidden", "train.epochs", "train.seed"):
+        section, name = key.split(".")
+        if not isinstance(raw.get(section), dict) or name not in raw[section]:
+            raise VaekitError(f"{path} is incomplete: it has no '{key}', which every run's {CONFIG} records")
+    return from_dict(raw)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
