@@ -123,7 +123,8 @@ def save_checkpoint(
     blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"vaekit": json.dumps(meta)})
     path = path_for(run_dir, progress.global_step)
     write_bytes(path, blob)
-    for old in listing(run_dir)[:-keep]:
+    # Temporary files of saves cut short by a kill are left over too.
+    for old in [*listing(run_dir)[:-keep], *path.parent.glob(".step-*.tmp.safetensors")]:
         old.unlink(missing_ok=True)
     return path
 

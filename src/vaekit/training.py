@@ -317,8 +317,9 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
             if scheduler is not None:
                 scheduler.step()
             _end_epoch(cfg, model, run_dir, p, held_out, lr, time.perf_counter() - began)
-            # Last, so that every file it stands for is already written; none in a streak of skipped steps.
-            if signals.received or not p.bad:
+            # Last, so that every file it stands for is already written. None in a streak of skipped steps, unless it
+            # must record that the run has ended.
+            if signals.received or not p.bad or p.epoch >= t.epochs or p.stopped:
                 saved = checkpoint()
             if p.epoch % report_every == 0 or p.epoch == t.epochs or p.epoch == 1 or p.stopped:
                 say(_report(p.metrics[-1]))

@@ -1,0 +1,642 @@
+"""Long runs: checkpoints, exact resuming after SIGKILL/SIGTERM/SIGINT, early stopping, non-finite steps, no pickles.
+
+Every run here is real training on scikit-learn's digits (1437 training examples, 23 steps per epoch at batch 64).
+Killed and reference runs are real `python -m vaekit` processes, run side by side where they are independent; each
+process gets one torch thread (OMP_NUM_THREADS=1), so that on a small machine they do not wait on each other's
+threads. Every comparison is between runs made with the same settings and thread count: no loss value is hard-coded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load, load_file
+
+import vaekit
+from vaekit.cli import main
+from vaekit.data import Dataset, Split
+from vaekit.evaluation import mean_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS_PER_EPOCH = 23  # ceil(1437 / 64)
+EPOCHS, EVERY = 40, 5  # the killed runs: 920 steps, a checkpoint every 5 steps and at each epoch's end
+TOTAL = EPOCHS * STEPS_PER_EPOCH
+TRAIN = ["train", "--epochs", str(EPOCHS), "--no-plots", "-q", "--set", f"train.checkpoint_every={EVERY}"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STEP_FILE = re.compile(r"step-(\d+)\.safetensors")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def start(args: list[str | Path]) -> subprocess.Popen[str]:
+    """Start `python -m vaekit ARGS` in the background, capturing its output."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vaekit", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str, str]:
+    """Wait for a process; its exit code, stdout and stderr."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def steps(run: Path) -> list[int]:
+    """The global steps of a run's checkpoint files, oldest first (temporary files are not counted)."""
+    try:
+        names = os.listdir(run / "checkpoints")
+    except FileNotFoundError:
+        return []
+    return sorted(int(m[1]) for m in map(STEP_FILE.fullmatch, names) if m)
+
+
+def newest(run: Path) -> int:
+    found = steps(run)
+    return found[-1] if found else -1
+
+
+def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], poll: float = 0.002) -> bool:
+    """Poll until ready() is true (True) or the process has ended (False)."""
+    while proc.poll() is None:
+        if ready():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock column."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two runs ended in the same state: weights byte for byte, metrics but for time, and every tensor of the last
+    checkpoint (weights, optimizer state, random states)."""
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes(), f"{a} and {b} differ"
+    assert metrics(a) == metrics(b)
+    assert newest(a) == newest(b)
+    name = f"checkpoints/step-{newest(a):010d}.safetensors"
+    ta, tb = load_file(a / name), load_file(b / name)
+    assert set(ta) == set(tb)
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory, by relative path."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def cli(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run vaekit.cli.main in this process; its exit code and stderr."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse exits rather than returning
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(code: int | str | None, err: str) -> str:
+    lines = err.splitlines()
+    assert code == 2, f"exit code {code}, stderr:\n{err}"
+    assert "Traceback" not in err
+    assert len(lines) == 1, f"stderr is not one line:\n{err}"
+    assert lines[0].startswith("vaekit: error:"), lines[0]
+    return lines[0]
+
+
+def quiet(**kw) -> dict:
+    return {"verbose": False, **kw}
+
+
+# ---------------------------------------------------------------- runs in other processes
+
+STOPS = {
+    "SIGTERM": ([signal.SIGTERM], 143),
+    "SIGINT": ([signal.SIGINT], 130),
+    "SIGINT-twice": ([signal.SIGINT, signal.SIGINT], 130),  # a second Ctrl-C stops at once
+}
+
+
+def _resume(run: Path) -> tuple[int, str, str]:
+    return finish(start(["train", "--resume", run, "--no-plots", "-q"]))
+
+
+def _stop_and_resume(run: Path, signals: list[int], threshold: int) -> dict:
+    """Train into run, send it signals once its newest checkpoint passes threshold, then resume it to the end."""
+    proc = start([*TRAIN, "--out", run])
+    if not wait_for(proc, lambda: newest(run) > threshold):
+        return {"failed": f"{run.name} ended before step {threshold}: {finish(proc)}"}
+    at = newest(run)
+    for s in signals:
+        proc.send_signal(s)
+    code, _, err = finish(proc)
+    found, rows = steps(run), len(metrics(run)) if (run / "metrics.jsonl").exists() else 0
+    return {"code": code, "err": err, "at": at, "steps": found, "epochs": rows, "resumed": _resume(run)}
+
+
+class Reference:
+    """The uninterrupted run that killed and stopped runs must end up equal to, started in the background once."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out
+        self.proc = start([*TRAIN, "--out", out])
+
+    def done(self) -> Path:
+        code, _, err = finish(self.proc)
+        assert code == 0, f"reference run exited {code}:\n{err}"
+        return self.dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory):
+    ref = Reference(tmp_path_factory.mktemp("reference") / "A")
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+        ref.proc.communicate()
+
+
+# ---------------------------------------------------------------- SIGKILL at random moments, then resume
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(reference, tmp_path):
+    """A run killed with SIGKILL four times, once before its first checkpoint and three times at random moments of
+    resumed processes, and resumed after each, ends bitwise identical to a run that was never stopped."""
+    rng = random.Random(20260305)
+    run = tmp_path / "B"
+    kills: list[str] = []
+
+    # 1. Killed right after the run directory has its config, before the first checkpoint (5 steps later). Should
+    # the checkpoint win that race on a busy machine, the attempt is repeated on a fresh directory.
+    for _ in range(5):
+        shutil.rmtree(run, ignore_errors=True)
+        proc = start([*TRAIN, "--out", run])
+        assert wait_for(proc, (run / "config.toml").exists, poll=0.0002), finish(proc)
+        proc.kill()
+        assert finish(proc)[0] == -signal.SIGKILL
+        if not steps(run):
+            break
+    else:
+        pytest.fail("could not kill the run before its first checkpoint in 5 tries")
+    assert not (run / "model.safetensors").exists()
+    kills.append("before the first checkpoint")
+
+    # 2-4. Resumed processes, each killed at a random moment after its newest checkpoint passes a random step.
+    for segment in range(3):
+        threshold = rng.randrange(20 + 250 * segment, 220 + 250 * segment)
+        delay = rng.uniform(0, 0.05)
+        proc = start(["train", "--resume", run, "--no-plots", "-q"])
+        if wait_for(proc, lambda t=threshold: newest(run) > t):
+            time.sleep(delay)
+            proc.kill()
+        code, _, err = finish(proc)
+        assert code == -signal.SIGKILL, f"resumed process was not killed after step {threshold} (exit {code}):\n{err}"
+        kills.append(f"resumed, after step {threshold} + {delay:.3f} s, newest checkpoint {newest(run)}")
+        assert newest(run) > threshold
+
+    code, out, err = finish(start(["train", "--resume", run, "--no-plots", "-q"]))
+    assert code == 0, f"the last resume exited {code}:\n{err}"
+    assert out.strip().splitlines()[-1] == str(run)
+    assert len(kills) >= 3 and any(k.startswith("resumed") for k in kills)
+    assert [r["epoch"] for r in metrics(run)] == list(range(1, EPOCHS + 1))
+    assert_same_run(reference.done(), run)
+
+
+# ---------------------------------------------------------------- SIGTERM and SIGINT
+
+
+def test_sigterm_and_sigint_save_a_checkpoint_and_resume_exactly(reference, tmp_path):
+    """SIGTERM exits 143 and SIGINT 130 with one line naming the saved checkpoint and `vaekit train --resume RUN`;
+    resuming then ends bitwise identical to a run that was never stopped, also after a double Ctrl-C."""
+    rng = random.Random(7)
+    runs = {name: tmp_path / name for name in STOPS}
+    with ThreadPoolExecutor(len(STOPS)) as pool:
+        futures = {
+            name: pool.submit(_stop_and_resume, runs[name], sigs, rng.randrange(30, TOTAL // 2))
+            for name, (sigs, _) in STOPS.items()
+        }
+        results = {name: (runs[name], f.result()) for name, f in futures.items()}
+    ref = reference.done()
+    for name, (run, r) in results.items():
+        assert "failed" not in r, r.get("failed")
+        err = r["err"]
+        assert r["code"] == STOPS[name][1], f"{name}: exit code {r['code']}, stderr:\n{err}"
+        assert "Traceback" not in err
+        assert len(err.splitlines()) == 1, f"{name}: stderr is not one line:\n{err}"
+        line = err.strip()
+        assert r["steps"] and r["steps"][-1] >= r["at"]
+        assert r["epochs"] < EPOCHS
+        if name == "SIGINT-twice" and line == "vaekit: interrupted":
+            pass  # the second signal came before the first was handled: stopped at once
+        else:
+            assert line.startswith(f"vaekit: {name.split('-')[0]}: training stopped"), line
+            assert line.endswith(f"continue with: vaekit train --resume {run}"), line
+            saved = Path(re.search(r" and saved (\S+); ", line)[1])  # type: ignore[index]
+            assert saved.parent == run / "checkpoints"
+            assert saved.name == f"step-{r['steps'][-1]:010d}.safetensors", (saved, r["steps"])
+        code, out, err = r["resumed"]
+        assert code == 0, f"{name}: resume exited {code}:\n{err}"
+        assert out.strip().splitlines()[-1] == str(run)
+        assert_same_run(ref, run)
+
+
+def test_a_signal_after_the_last_step_does_not_ask_for_a_useless_resume(digits, tmp_path):
+    """A SIGTERM that arrives during the last epoch's end (here: while a large test split is evaluated) is no
+    interruption: the run is finished. (Were it reported as one, the resume its message asks for would have to work.)"""
+    test = digits.split("test")
+    data = Dataset("digits", {"train": digits.split("train"), "test": Split(test.x.repeat(200, 1, 1, 1), None)})
+    run = tmp_path / "run"
+    last = run / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH:010d}.safetensors"  # written at the last step too
+
+    def signal_after_the_last_step() -> None:
+        while not last.exists():
+            time.sleep(0.0005)
+        time.sleep(0.005)  # the last step is done; evaluating the 71,800 test examples takes far longer
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)  # a signal that comes too late must not end pytest
+    try:
+        watcher = threading.Thread(target=signal_after_the_last_step, daemon=True)
+        watcher.start()
+        try:
+            vaekit.train("digits", run, epochs=2, checkpoint_every=STEPS_PER_EPOCH, **quiet(dataset=data))
+            stopped = None
+        except vaekit.Interrupted as e:
+            stopped = e
+        watcher.join(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped is None:
+        with pytest.raises(vaekit.VaekitError, match="finished its 2 epochs"):
+            vaekit.resume(run, dataset=data, verbose=False)
+        return
+    if "in epoch" in str(stopped):
+        pytest.skip(f"the signal came before the last step ended: {stopped}")
+    assert "continue with: vaekit train --resume" in str(stopped)
+    vaekit.resume(run, dataset=data, verbose=False)  # what the message asks for
+
+
+# ---------------------------------------------------------------- resuming through the API
+
+
+@pytest.mark.parametrize("scheduler", ["", "StepLR"])
+def test_resume_with_more_epochs_equals_a_longer_run(digits, tmp_path, scheduler):
+    """3 epochs, then resume(run, epochs=5), equal a 5-epoch run bitwise (with a scheduler, its learning rates too)."""
+    kw = quiet(dataset=digits, checkpoint_every=7)
+    if scheduler:
+        kw.update(scheduler=scheduler, scheduler_args={"step_size": 2, "gamma": 0.5})
+    whole = vaekit.train("digits", tmp_path / "whole", epochs=5, **kw)
+    short = vaekit.train("digits", tmp_path / "short", epochs=3, **kw)
+    assert len(short.metrics) == 3
+    longer = vaekit.resume(short.dir, epochs=5, dataset=digits, verbose=False)
+    assert longer.dir == short.dir
+    assert [r["epoch"] for r in longer.metrics] == [1, 2, 3, 4, 5]
+    assert vaekit.load_config(short.dir).train.epochs == 5
+    assert_same_run(whole.dir, short.dir)
+    if scheduler:
+        assert [r["lr"] for r in metrics(short.dir)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+
+
+@pytest.mark.parametrize("step", [10, 23, 40, 60])
+def test_resume_from_an_older_checkpoint_file(digits, tmp_path, step):
+    """Resuming from an older checkpoint file (mid-epoch or an epoch's end) ends bitwise identical."""
+    run = vaekit.train(
+        "digits", tmp_path / "run", epochs=3, **quiet(dataset=digits, checkpoint_every=10, keep_checkpoints=100)
+    )
+    before = snapshot(run.dir)
+    older = run.dir / "checkpoints" / f"step-{step:010d}.safetensors"
+    assert older.is_file()
+    vaekit.resume(older, dataset=digits, verbose=False)
+    after = snapshot(run.dir)
+    assert after["model.safetensors"] == before["model.safetensors"]
+    assert metrics(run.dir) == [{k: v for k, v in r.items() if k != "seconds"} for r in run.metrics]
+    assert sorted(after) == sorted(before)
+    for name in after:
+        if name.startswith("checkpoints/"):
+            a, b = load(after[name]), load(before[name])
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_from_an_older_checkpoint_through_the_command(digits, tmp_path, capsys):
+    """`vaekit train --resume RUN/checkpoints/step-N.safetensors` goes back to that checkpoint and ends identically."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=2, **quiet(dataset=digits, keep_checkpoints=2))
+    weights, rows = (run.dir / "model.safetensors").read_bytes(), metrics(run.dir)
+    assert steps(run.dir) == [23, 46]
+    code, err = cli(
+        ["train", "--resume", run.dir / "checkpoints" / "step-0000000023.safetensors", "--no-plots", "-q"], capsys
+    )
+    assert code == 0, err
+    assert (run.dir / "model.safetensors").read_bytes() == weights
+    assert metrics(run.dir) == rows
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+
+def _with_train_x(data: Dataset, x: torch.Tensor) -> Dataset:
+    train = data.split("train")
+    return Dataset(data.name, {**data.splits, "train": Split(x, train.y)})
+
+
+def test_a_nan_example_skips_one_update_per_epoch(digits, tmp_path, capsys):
+    """One NaN training example spoils one batch per epoch: that update is skipped and counted, and reported once
+    per epoch; the weights and losses stay finite, and resuming such a run is still exact."""
+    x = digits.split("train").x.clone()
+    x[100] = math.nan
+    data = _with_train_x(digits, x)
+    capsys.readouterr()
+    run = vaekit.train("digits", tmp_path / "run", epochs=3, dataset=data, checkpoint_every=4, verbose=True)
+    err = capsys.readouterr().err
+    assert [r["skipped"] for r in run.metrics] == [1, 1, 1]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"]) for r in run.metrics)
+    assert err.count("non-finite loss or gradient, update skipped") == 3, err
+    model = vaekit.load(run.dir)
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+    part = vaekit.train("digits", tmp_path / "part", epochs=1, dataset=data, checkpoint_every=4, verbose=False)
+    vaekit.resume(part.dir, epochs=3, dataset=data, verbose=False)
+    assert_same_run(run.dir, part.dir)
+
+
+def test_skip_limit_stops_with_the_last_good_checkpoint(digits, tmp_path):
+    """skip_limit non-finite steps in a row raise an error naming the last good checkpoint; nothing is written while
+    they are skipped, and a later resume from that checkpoint on good data continues exactly."""
+    kw = quiet(dataset=digits, skip_limit=3, checkpoint_every=2)
+    reference = vaekit.train("digits", tmp_path / "ref", epochs=4, **kw)
+    run = vaekit.train("digits", tmp_path / "run", epochs=2, **kw)
+    last = run.dir / "checkpoints" / "step-0000000046.safetensors"
+    assert steps(run.dir) == [44, 46]
+    before = snapshot(run.dir)
+
+    all_nan = _with_train_x(digits, torch.full_like(digits.split("train").x, math.nan))
+    with pytest.raises(vaekit.VaekitError, match="not finite in 3 steps in a row") as e:
+        vaekit.resume(run.dir, epochs=4, dataset=all_nan, verbose=False)
+    assert str(last) in str(e.value)
+    after = snapshot(run.dir)
+    assert sorted(after) == sorted(before)  # no checkpoint at step 48 although checkpoint_every is 2
+    for name in (
+        "model.safetensors",
+        "metrics.jsonl",
+        f"checkpoints/{last.name}",
+        "checkpoints/step-0000000044.safetensors",
+    ):
+        assert after[name] == before[name], name
+
+    vaekit.resume(run.dir, epochs=4, dataset=digits, verbose=False)
+    assert_same_run(reference.dir, run.dir)
+
+
+def _streak(digits: Dataset, run: Path) -> str:
+    """Train 2 good epochs with skip_limit 30, then resume on all-NaN data: 23 skipped steps end epoch 3 and the
+    30th, in epoch 4, stops the run; the error's message."""
+    vaekit.train("digits", run, epochs=2, skip_limit=30, **quiet(dataset=digits))
+    all_nan = _with_train_x(digits, torch.full_like(digits.split("train").x, math.nan))
+    with pytest.raises(vaekit.VaekitError, match="not finite in 30 steps in a row") as e:
+        vaekit.resume(run, epochs=4, dataset=all_nan, verbose=False)
+    return str(e.value)
+
+
+def test_no_checkpoint_is_written_while_steps_are_skipped(digits, tmp_path):
+    """A streak of skipped steps across an epoch's end writes no checkpoint; the error names the one before it."""
+    message = _streak(digits, tmp_path / "run")
+    assert steps(tmp_path / "run") == [23, 46]
+    assert "step-0000000046.safetensors" in message
+
+
+def test_metrics_stay_strict_json_when_a_whole_epoch_is_skipped(digits, tmp_path):
+    """metrics.jsonl is strict JSON lines even when an epoch had no finite loss at all: its train_loss is null."""
+    _streak(digits, tmp_path / "run")
+    assert [r["train_loss"] is None for r in vaekit.read_metrics(tmp_path / "run")] == [False, False, True]
+
+    def reject(token: str) -> None:
+        raise ValueError(f"{token} is not JSON")
+
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=reject)
+
+
+def test_a_run_whose_last_steps_were_skipped_is_still_finished(digits, tmp_path):
+    """A run whose last epoch was skipped throughout (fewer steps than skip_limit) ends normally, and resuming it is
+    refused like any finished run."""
+    run = tmp_path / "run"
+    vaekit.train("digits", run, epochs=1, skip_limit=30, **quiet(dataset=digits))
+    all_nan = _with_train_x(digits, torch.full_like(digits.split("train").x, math.nan))
+    done = vaekit.resume(run, epochs=2, dataset=all_nan, verbose=False)
+    assert [r["skipped"] for r in done.metrics] == [0, STEPS_PER_EPOCH]
+    with pytest.raises(vaekit.VaekitError, match="finished its 2 epochs"):
+        vaekit.resume(run, dataset=all_nan, verbose=False)
+
+
+# ---------------------------------------------------------------- no pickle is ever loaded
+
+
+class _Payload:
+    """Unpickling this opens (creates) a file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _pickle(payload: Path) -> bytes:
+    blob = pickle.dumps(_Payload(payload))
+    pickle.loads(blob)  # the sanity check: this pickle does run its code when loaded
+    assert payload.exists()
+    payload.unlink()
+    return blob
+
+
+def _torch_save(payload: Path) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"model.encoder.0.weight": torch.zeros(4, 4), "payload": _Payload(payload)}, buf)
+    torch.load(io.BytesIO(buf.getvalue()), weights_only=False)  # the sanity check, as above
+    assert payload.exists()
+    payload.unlink()
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, digits, one_thread) -> Path:
+    """A finished 2-epoch run with checkpoints at steps 23 and 46; tests work on copies."""
+    return vaekit.train("digits", tmp_path_factory.mktemp("finished") / "run", epochs=2, **quiet(dataset=digits)).dir
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+# where the pickle goes (relative to the run) and the command that reads it
+PLACES = {
+    "newest-checkpoint": ("checkpoints/step-9999999999.safetensors", lambda run, tmp: ["train", "--resume", run]),
+    "model-weights": ("model.safetensors", lambda run, tmp: ["sample", run, "-n", "4", "-o", tmp / "s.png"]),
+    "checkpoint-file": (
+        "checkpoints/ckpt.pt",
+        lambda run, tmp: ["train", "--resume", run / "checkpoints" / "ckpt.pt", "--no-plots"],
+    ),
+}
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("maker", [_pickle, _torch_save], ids=["pickle", "torch-save"])
+def test_a_pickle_posing_as_a_checkpoint_or_model_is_never_loaded(finished_run, tmp_path, capsys, place, maker):
+    """A malicious pickle (plain or torch.save's zip) as a checkpoint or as the weights is refused with exit code 2 and
+    one line naming it, and its code never runs."""
+    run = _copy(finished_run, tmp_path)
+    payload = tmp_path / "pwned"
+    where, argv = PLACES[place]
+    (run / where).write_bytes(maker(payload))
+    code, err = cli(argv(run, tmp_path), capsys)
+    line = one_error_line(code, err)
+    assert Path(where).name in line, line
+    assert not payload.exists(), "the pickle was loaded"
+    assert not (tmp_path / "s.png").exists()
+
+
+# ---------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path, capsys):
+    """With a validation split and patience 3, training stops 3 epochs after the lowest validation loss, well before
+    its 200 epochs; RUN/best holds that epoch's model and works as a run directory of its own."""
+    settings = {"data.validation": 300, "patience": 3, "hidden": [512], "latent": 8, "lr": 1e-2, "epochs": 200}
+    run = vaekit.train("digits", tmp_path / "run", **quiet(**settings))
+    rows = run.metrics
+    valid = [r["valid_loss"] for r in rows]
+    best_epoch = valid.index(min(valid)) + 1
+    assert len(rows) < 200
+    assert len(rows) == best_epoch + 3
+    assert all(v >= valid[best_epoch - 1] for v in valid[-3:])
+    assert metrics(run.dir) == [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    best = vaekit.load(run.dir / "best")
+    assert mean_loss(best, run.data.split("valid").x, run.config.train.eval_batch_size) == valid[best_epoch - 1]
+    assert (run.dir / "best" / "model.safetensors").read_bytes() != (run.dir / "model.safetensors").read_bytes()
+    assert vaekit.load_config(run.dir / "best").data.validation == 300
+    # the same training stopped by its epoch count at the best epoch ends with those very weights
+    upto = vaekit.train("digits", tmp_path / "upto", **quiet(**{**settings, "epochs": best_epoch}))
+    assert (upto.dir / "model.safetensors").read_bytes() == (run.dir / "best" / "model.safetensors").read_bytes()
+
+    code, err = cli(["evaluate", run.dir / "best", "--k", "10", "--split", "valid", "--no-save"], capsys)
+    assert code == 0, err
+    code, err = cli(["sample", run.dir / "best", "-n", "4", "-o", tmp_path / "s.png"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "s.png").is_file()
+
+    with pytest.raises(vaekit.VaekitError, match="stopped early"):
+        vaekit.resume(run.dir, epochs=400, verbose=False)
+
+
+def test_patience_needs_a_validation_split(digits, tmp_path):
+    """train.patience without data.validation is refused before a run directory is written."""
+    with pytest.raises(vaekit.VaekitError, match="validation"):
+        vaekit.train("digits", tmp_path / "run", epochs=2, patience=3, **quiet(dataset=digits))
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
+# ---------------------------------------------------------------- checkpoint retention
+
+
+@pytest.mark.parametrize(("every", "keep", "epochs"), [(10, 3, 3), (0, 2, 3), (7, 1, 2), (5, 4, 2), (23, 5, 3)])
+def test_only_the_newest_checkpoints_are_kept(digits, tmp_path, every, keep, epochs):
+    """keep_checkpoints=K leaves exactly the newest K files, named by the global steps they were written after."""
+    run = vaekit.train(
+        "digits",
+        tmp_path / "run",
+        epochs=epochs,
+        **quiet(dataset=digits, checkpoint_every=every, keep_checkpoints=keep),
+    )
+    total = epochs * STEPS_PER_EPOCH
+    written = set(range(every, total + 1, every) if every else []) | {STEPS_PER_EPOCH * e for e in range(1, epochs + 1)}
+    expected = sorted(written)[-keep:]
+    assert sorted(os.listdir(run.dir / "checkpoints")) == [f"step-{s:010d}.safetensors" for s in expected]
+
+
+# ---------------------------------------------------------------- resume errors
+
+
+@pytest.fixture(scope="module")
+def other_architecture(tmp_path_factory: pytest.TempPathFactory, digits, one_thread) -> Path:
+    """A checkpoint of a run with 3 latent dimensions instead of 2."""
+    run = vaekit.train(
+        "digits", tmp_path_factory.mktemp("latent3") / "run", epochs=1, latent=3, **quiet(dataset=digits)
+    )
+    return run.dir / "checkpoints" / "step-0000000023.safetensors"
+
+
+def _foreign(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+    shutil.copy(checkpoint, run / "checkpoints" / "step-0000000099.safetensors")
+    return ["train", "--resume", run, "--no-plots"]
+
+
+def _loose(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+    shutil.copy(run / "checkpoints" / "step-0000000023.safetensors", tmp / "step-0000000023.safetensors")
+    return ["train", "--resume", tmp / "step-0000000023.safetensors"]
+
+
+def _plain_dir(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+    (tmp / "plain").mkdir()
+    (tmp / "plain" / "notes.txt").write_text("not a run")
+    return ["train", "--resume", tmp / "plain"]
+
+
+RESUME_ERRORS = {
+    "finished-run": (lambda run, tmp, c: ["train", "--resume", run], "finished its 2 epochs"),
+    "fewer-epochs": (lambda run, tmp, c: ["train", "--resume", run, "--epochs", "1"], "finished its 2 epochs"),
+    "with-lr": (lambda run, tmp, c: ["train", "--resume", run, "--lr", "0.1"], "train.lr"),
+    "with-set": (lambda run, tmp, c: ["train", "--resume", run, "--set", "model.latent=3"], "model.latent"),
+    "with-out": (lambda run, tmp, c: ["train", "--resume", run, "--out", tmp / "x"], "--out"),
+    "with-preset": (lambda run, tmp, c: ["train", "--resume", run, "--preset", "digits"], "--preset"),
+    "not-a-run": (_plain_dir, "plain"),
+    "missing": (lambda run, tmp, c: ["train", "--resume", tmp / "nope"], "nope"),
+    "file-outside-checkpoints": (_loose, "not a checkpoint"),
+    "other-architecture": (_foreign, "step-0000000099.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_ERRORS)
+def test_resume_errors_are_one_line_and_change_nothing(finished_run, other_architecture, tmp_path, capsys, case):
+    """Resuming what cannot be resumed exits 2 with one line on stderr and leaves the run as it was."""
+    run = _copy(finished_run, tmp_path)
+    build, expected = RESUME_ERRORS[case]
+    argv = build(run, tmp_path, other_architecture)
+    before = snapshot(run)
+    code, err = cli(argv, capsys)
+    line = one_error_line(code, err)
+    assert expected in line, line
+    assert snapshot(run) == before
+    assert not (tmp_path / "x").exists()
