@@ -191,8 +191,10 @@ class _Signals:
 
 def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     """Whether the loss and every gradient are finite (one device sync per step)."""
-    norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
-    return bool(torch.isfinite(loss.detach() + torch.stack(norms).sum()))
+    # A sum is finite exactly when all its terms are (or it overflows, which no sane update does); sums cost half of
+    # what norms do on a CPU.
+    sums = torch.stack([p.grad.sum() for p in params if p.grad is not None])
+    return bool(torch.isfinite(loss.detach() + sums.sum()))
 
 
 def _check_names(cfg: Config) -> None:
