@@ -156,7 +156,8 @@ def load_checkpoint(
     device = next(model.parameters()).device
     if meta.get("device") != device.type:
         raise VaekitError(
-            f"{path} was written on a {meta.get('device')} device; resume it on one (--set train.device=...)"
+            f"{path} was written on a {meta.get('device')} device and this run now trains on {device.type}: its random "
+            "states only fit the device they came from, so resume it where it ran"
         )
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
