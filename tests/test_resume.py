@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load, load_file
+from safetensors import safe_open
+from safetensors.torch import load, load_file, save
 
 import vaekit
 from vaekit.cli import main
@@ -389,73 +390,74 @@ def test_a_nan_example_skips_one_update_per_epoch(digits, tmp_path, capsys):
     assert_same_run(run.dir, part.dir)
 
 
-def test_skip_limit_stops_with_the_last_good_checkpoint(digits, tmp_path):
-    """skip_limit non-finite steps in a row raise an error naming the last good checkpoint; nothing is written while
-    they are skipped, and a later resume from that checkpoint on good data continues exactly."""
-    kw = quiet(dataset=digits, skip_limit=3, checkpoint_every=2)
-    reference = vaekit.train("digits", tmp_path / "ref", epochs=4, **kw)
-    run = vaekit.train("digits", tmp_path / "run", epochs=2, **kw)
-    last = run.dir / "checkpoints" / "step-0000000046.safetensors"
-    assert steps(run.dir) == [44, 46]
-    before = snapshot(run.dir)
-
-    all_nan = _with_train_x(digits, torch.full_like(digits.split("train").x, math.nan))
-    with pytest.raises(vaekit.VaekitError, match="not finite in 3 steps in a row") as e:
-        vaekit.resume(run.dir, epochs=4, dataset=all_nan, verbose=False)
-    assert str(last) in str(e.value)
-    after = snapshot(run.dir)
-    assert sorted(after) == sorted(before)  # no checkpoint at step 48 although checkpoint_every is 2
-    for name in (
-        "model.safetensors",
-        "metrics.jsonl",
-        f"checkpoints/{last.name}",
-        "checkpoints/step-0000000044.safetensors",
-    ):
-        assert after[name] == before[name], name
-
-    vaekit.resume(run.dir, epochs=4, dataset=digits, verbose=False)
-    assert_same_run(reference.dir, run.dir)
+# Adam at lr 0.1 for two epochs, then at lr 100 (StepLR): the first update of epoch 3 (global step 47) throws the
+# weights so far that every later loss is infinite. With checkpoints every 2 steps the last good one is step 46.
+DIVERGES = {
+    "lr": 0.1,
+    "scheduler": "StepLR",
+    "scheduler_args": {"step_size": 2, "gamma": 1000.0},
+    "checkpoint_every": 2,
+}
 
 
-def _streak(digits: Dataset, run: Path) -> str:
-    """Train 2 good epochs with skip_limit 30, then resume on all-NaN data: 23 skipped steps end epoch 3 and the
-    30th, in epoch 4, stops the run; the error's message."""
-    vaekit.train("digits", run, epochs=2, skip_limit=30, **quiet(dataset=digits))
-    all_nan = _with_train_x(digits, torch.full_like(digits.split("train").x, math.nan))
-    with pytest.raises(vaekit.VaekitError, match="not finite in 30 steps in a row") as e:
-        vaekit.resume(run, epochs=4, dataset=all_nan, verbose=False)
+def _diverge(digits: Dataset, run: Path, skip_limit: int, epochs: int = 4) -> str:
+    """Train the diverging run; the skip-limit error's message."""
+    with pytest.raises(vaekit.VaekitError, match=f"not finite in {skip_limit} steps in a row") as e:
+        vaekit.train("digits", run, epochs=epochs, skip_limit=skip_limit, **quiet(dataset=digits, **DIVERGES))
     return str(e.value)
+
+
+def test_skip_limit_stops_with_the_last_good_checkpoint(digits, tmp_path):
+    """skip_limit non-finite steps in a row raise an error naming the last good checkpoint, which holds finite
+    weights; resuming from it meets the same divergence and changes no file."""
+    run = tmp_path / "run"
+    message = _diverge(digits, run, skip_limit=3)
+    last = run / "checkpoints" / "step-0000000046.safetensors"
+    assert str(last) in message
+    assert steps(run) == [44, 46]  # none at step 48 or 50 although checkpoint_every is 2
+    assert all(torch.isfinite(t).all() for k, t in load_file(last).items() if k.startswith("model."))
+    before = snapshot(run)
+    with pytest.raises(vaekit.VaekitError) as again:
+        vaekit.resume(run, dataset=digits, verbose=False)
+    assert str(again.value) == message
+    assert snapshot(run) == before
 
 
 def test_no_checkpoint_is_written_while_steps_are_skipped(digits, tmp_path):
     """A streak of skipped steps across an epoch's end writes no checkpoint; the error names the one before it."""
-    message = _streak(digits, tmp_path / "run")
-    assert steps(tmp_path / "run") == [23, 46]
+    run = tmp_path / "run"
+    message = _diverge(digits, run, skip_limit=30)  # 22 skipped steps end epoch 3, the 30th is in epoch 4
+    assert steps(run) == [44, 46]
     assert "step-0000000046.safetensors" in message
+    assert [r["skipped"] for r in vaekit.read_metrics(run)] == [0, 0, 22]
 
 
-def test_metrics_stay_strict_json_when_a_whole_epoch_is_skipped(digits, tmp_path):
-    """metrics.jsonl is strict JSON lines even when an epoch had no finite loss at all: its train_loss is null."""
-    _streak(digits, tmp_path / "run")
-    assert [r["train_loss"] is None for r in vaekit.read_metrics(tmp_path / "run")] == [False, False, True]
+def test_a_run_whose_last_steps_were_skipped_is_still_finished(digits, tmp_path):
+    """A run that ends inside a streak shorter than skip_limit ends normally: its last checkpoint records that it
+    is finished, an epoch without a single update has train_loss null (metrics.jsonl stays strict JSON), and
+    resuming it is refused like any finished run."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=4, skip_limit=100, **quiet(dataset=digits, **DIVERGES))
+    assert [r["skipped"] for r in run.metrics] == [0, 0, 22, STEPS_PER_EPOCH]
+    assert [r["train_loss"] is None for r in vaekit.read_metrics(run.dir)] == [False, False, False, True]
 
     def reject(token: str) -> None:
         raise ValueError(f"{token} is not JSON")
 
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+    for line in (run.dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=reject)
+    assert steps(run.dir) == [46, 4 * STEPS_PER_EPOCH]
+    with pytest.raises(vaekit.VaekitError, match="finished its 4 epochs"):
+        vaekit.resume(run.dir, dataset=digits, verbose=False)
 
 
-def test_a_run_whose_last_steps_were_skipped_is_still_finished(digits, tmp_path):
-    """A run whose last epoch was skipped throughout (fewer steps than skip_limit) ends normally, and resuming it is
-    refused like any finished run."""
-    run = tmp_path / "run"
-    vaekit.train("digits", run, epochs=1, skip_limit=30, **quiet(dataset=digits))
-    all_nan = _with_train_x(digits, torch.full_like(digits.split("train").x, math.nan))
-    done = vaekit.resume(run, epochs=2, dataset=all_nan, verbose=False)
-    assert [r["skipped"] for r in done.metrics] == [0, STEPS_PER_EPOCH]
-    with pytest.raises(vaekit.VaekitError, match="finished its 2 epochs"):
-        vaekit.resume(run, dataset=all_nan, verbose=False)
+def test_resume_refuses_other_data(digits, tmp_path):
+    """A checkpoint resumes only on the data it was made with: the same number of examples is not enough."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, **quiet(dataset=digits))
+    other = _with_train_x(digits, 1 - digits.split("train").x)
+    before = snapshot(run.dir)
+    with pytest.raises(vaekit.VaekitError, match="other settings or data: data.train"):
+        vaekit.resume(run.dir, epochs=2, dataset=other, verbose=False)
+    assert snapshot(run.dir) == before
 
 
 # ---------------------------------------------------------------- no pickle is ever loaded
@@ -614,9 +616,47 @@ def _plain_dir(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
     return ["train", "--resume", tmp / "plain"]
 
 
+def _no_checkpoints(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+    shutil.rmtree(run / "checkpoints")  # as in a run made before checkpoints existed
+    return ["train", "--resume", run, "--epochs", "3"]
+
+
+def _edited_config(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+    text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(text.replace("lr = 0.001", "lr = 0.5"))
+    return ["train", "--resume", run, "--epochs", "3"]
+
+
+def _malformed(field: str, value: object) -> Callable[[Path, Path, Path], list[str | Path]]:
+    """A valid checkpoint file whose progress record has field set to value."""
+
+    def build(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+        newest = run / "checkpoints" / "step-0000000046.safetensors"
+        with safe_open(str(newest), framework="pt") as f:
+            meta, tensors = json.loads(f.metadata()["vaekit"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta["progress"][field] = value
+        newest.write_bytes(save(tensors, metadata={"vaekit": json.dumps(meta)}))
+        return ["train", "--resume", run, "--epochs", "3"]
+
+    return build
+
+
+def _fresh_run_into(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+    for name in ("model.json", "model.safetensors", "metrics.jsonl"):
+        (run / name).unlink()  # what a run stopped during its first epoch holds: config.toml and checkpoints
+    return ["train", "--epochs", "1", "--no-plots", "--out", run]
+
+
 RESUME_ERRORS = {
+    "no-checkpoints-folder": (_no_checkpoints, "no checkpoints folder"),
+    "edited-config": (_edited_config, "other settings or data: settings.train.lr"),
+    "progress-epoch-text": (_malformed("epoch", "2"), "does not hold a training state"),
+    "progress-metrics-text": (_malformed("metrics", "oops"), "does not hold a training state"),
+    "progress-step-past-epoch": (_malformed("step", 10**6), "does not hold a training state"),
+    "progress-incomplete": (_malformed("bad", None), "does not hold a training state"),
+    "train-out-onto-a-stopped-run": (_fresh_run_into, "already holds a run"),
     "finished-run": (lambda run, tmp, c: ["train", "--resume", run], "finished its 2 epochs"),
-    "fewer-epochs": (lambda run, tmp, c: ["train", "--resume", run, "--epochs", "1"], "finished its 2 epochs"),
+    "fewer-epochs": (lambda run, tmp, c: ["train", "--resume", run, "--epochs", "1"], "already trained 2 epochs"),
     "with-lr": (lambda run, tmp, c: ["train", "--resume", run, "--lr", "0.1"], "train.lr"),
     "with-set": (lambda run, tmp, c: ["train", "--resume", run, "--set", "model.latent=3"], "model.latent"),
     "with-out": (lambda run, tmp, c: ["train", "--resume", run, "--out", tmp / "x"], "--out"),

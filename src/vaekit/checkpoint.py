@@ -12,7 +12,7 @@ import math
 import random
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +95,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     shuffle: torch.Generator,
     progress: Progress,
+    identity: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write a checkpoint of the training state atomically, then remove all but the newest keep."""
+    """Write a checkpoint of the training state atomically, then remove all but the newest keep.
+
+    identity (the settings and a fingerprint of the data) must match when the checkpoint is loaded again.
+    """
     device = next(model.parameters()).device
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -116,6 +120,7 @@ def save_checkpoint(
         "format": FORMAT,
         "version": 1,
         "device": device.type,
+        "identity": identity,
         "progress": scalars,
         "optimizer": {"param_groups": opt["param_groups"], "state": plain_state},
         "rng": rng_plain,
@@ -144,14 +149,60 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def _progress(meta: dict[str, Any], tensors: dict[str, torch.Tensor], n: int, steps: int) -> Progress:
+    """The progress a checkpoint records, checked to be a consistent position in an epoch of n examples."""
+    raw = meta["progress"]
+    if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(Progress)} - set(_TENSORS):
+        raise ValueError("the progress record is incomplete")
+    p = Progress(**raw)
+    for f in fields(Progress):
+        value, default = getattr(p, f.name), getattr(Progress(), f.name)
+        if f.name in _TENSORS:
+            continue
+        if isinstance(default, (bool, list)):
+            ok = isinstance(value, type(default))
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(f"progress.{f.name} is {value!r}")
+    if not all(isinstance(m, dict) for m in p.metrics) or len(p.metrics) != p.epoch or p.step > steps:
+        raise ValueError("the epoch, step and metrics do not agree")
+    if p.step:
+        order, total = tensors.get("progress.order"), tensors.get("progress.total")
+        if order is None or order.dtype != torch.int64 or not torch.equal(order.sort().values, torch.arange(n)):
+            raise ValueError(f"the data order is not a permutation of the {n} training examples")
+        if total is None or total.shape != () or not total.dtype.is_floating_point:
+            raise ValueError("the epoch's running loss is missing")
+        p.order, p.total = order, total
+    return p
+
+
+def _difference(expected: Any, found: Any, key: str = "") -> str | None:
+    """The first key at which two nested dictionaries differ, or None when they are equal."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for k in [*expected, *(k for k in found if k not in expected)]:
+            d = _difference(expected.get(k), found.get(k), f"{key}.{k}" if key else k)
+            if d:
+                return d
+        return None
+    return None if expected == found else f"{key} ({found!r} then, {expected!r} now)"
+
+
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     shuffle: torch.Generator,
+    identity: dict[str, Any],
+    steps: int,
 ) -> Progress:
-    """Restore a checkpoint's training state into freshly built objects and return the progress it records."""
+    """Restore a checkpoint's training state into freshly built objects and return the progress it records.
+
+    The checkpoint must have been made with the same identity (settings and data) and a data set of steps batches.
+    """
     tensors, meta = _read(path)
     device = next(model.parameters()).device
     if meta.get("device") != device.type:
@@ -159,12 +210,15 @@ def load_checkpoint(
             f"{path} was written on a {meta.get('device')} device and this run now trains on {device.type}: its random "
             "states only fit the device they came from, so resume it where it ran"
         )
+    differs = _difference(identity, meta.get("identity"))
+    if differs:
+        raise VaekitError(f"{path} was made with other settings or data: {differs}; resuming needs the same ones")
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-        progress = Progress(**meta["progress"])
+        progress = _progress(meta, tensors, identity["data"]["train"][0], steps)
         for k in _TENSORS:
-            if f"progress.{k}" in tensors:
-                setattr(progress, k, tensors[f"progress.{k}"].to(device))
+            if getattr(progress, k) is not None:
+                setattr(progress, k, getattr(progress, k).to(device))
         if scheduler is not None:
             # A scheduler's state is a function of how many epochs it has stepped, so replaying them restores it.
             with warnings.catch_warnings():
@@ -186,7 +240,7 @@ def load_checkpoint(
         ]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         _set_rng_states(device, shuffle, tensors, meta["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise VaekitError(f"{path} does not hold a training state of this run ({first})") from None
     return progress

@@ -146,12 +146,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VaekitError(f"cannot read {path}: {e}") from None
-    keys = ("epoch", "test_loss", "seconds")
-    numeric = (int, float)
     for r in rows:
-        # train_loss is null for an epoch whose every update was skipped.
-        if not (isinstance(r, dict) and all(isinstance(r.get(k), numeric) for k in keys)) or not isinstance(
-            r.get("train_loss", 0), (*numeric, type(None))
+        # A loss is null where it was not finite (an epoch without updates, or diverged weights).
+        if not (
+            isinstance(r, dict)
+            and all(isinstance(r.get(k), (int, float)) for k in ("epoch", "seconds"))
+            and all(isinstance(r.get(k, 0), (int, float, type(None))) for k in ("train_loss", "test_loss"))
         ):
-            raise VaekitError(f"{path} has lines without numeric {', '.join(keys)} and train_loss")
+            raise VaekitError(f"{path} has lines without numeric epoch and seconds, or with non-numeric losses")
     return rows

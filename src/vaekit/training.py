@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -145,8 +146,8 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VaekitError(f"--out {out} is a file, not a directory")
-    if (out / DESCRIPTION).exists():
-        raise VaekitError(f"{out} already holds a run; pass another --out")
+    if any((out / name).exists() for name in (CONFIG, DESCRIPTION, CHECKPOINTS)):
+        raise VaekitError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -155,27 +156,26 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; exit_code is 128 + the signal number."""
+    """Training stopped by SIGINT or SIGTERM, normally after saving a checkpoint; exit_code is 128 + the signal."""
 
-    def __init__(self, signum: int, run_dir: Path, checkpoint: Path, p: Progress) -> None:
+    def __init__(self, signum: int, run_dir: Path, checkpoint: Path | None, p: Progress) -> None:
         self.exit_code = 128 + signum
         where = f"in epoch {p.epoch + 1} after step {p.step}" if p.step else f"after epoch {p.epoch}"
-        super().__init__(
-            f"{signal.Signals(signum).name}: training stopped {where} and saved {checkpoint}; "
-            f"continue with: vaekit train --resume {run_dir}"
-        )
+        what = f"training stopped {where} and saved {checkpoint}" if checkpoint else "a second signal: stopped at once"
+        super().__init__(f"{signal.Signals(signum).name}: {what}; continue with: vaekit train --resume {run_dir}")
 
 
 class _Signals:
     """SIGINT and SIGTERM ask training to stop after the current step; a second one stops it at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path, p: Progress) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._run_dir, self._progress = run_dir, p
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(signum, self._run_dir, None, self._progress)
         self.received = signum
 
     def __enter__(self) -> _Signals:
@@ -195,6 +195,21 @@ def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     # what norms do on a CPU.
     sums = torch.stack([p.grad.sum() for p in params if p.grad is not None])
     return bool(torch.isfinite(loss.detach() + sums.sum()))
+
+
+def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
+    """What a checkpoint must have been made with to be resumed: the settings, and a fingerprint of the data."""
+    settings = cfg.to_dict()
+    # These may differ: the number of epochs (--epochs), where the data are found, and the device's name.
+    for section, key in (("train", "epochs"), ("data", "root"), ("data", "download"), ("train", "device")):
+        del settings[section][key]
+    digests = {}
+    for name, split in data.splits.items():
+        h = hashlib.sha256(split.x.detach().cpu().contiguous().numpy())
+        if split.y is not None:
+            h.update(split.y.detach().cpu().contiguous().numpy())
+        digests[name] = [len(split.x), h.hexdigest()]
+    return {"settings": settings, "data": digests}
 
 
 def _check_names(cfg: Config) -> None:
@@ -241,7 +256,12 @@ def resume(run: str | Path, *, epochs: int | None = None, dataset: Dataset | Non
         cfg = override(cfg, {"train.epochs": epochs})
     if path is None:
         found = listing(run_dir)
-        path = found[-1] if found else None  # killed before its first checkpoint: it starts again from scratch
+        path = found[-1] if found else None
+        # An empty checkpoints folder is a run killed before its first checkpoint: it starts again from scratch.
+        if path is None and not (run_dir / CHECKPOINTS).is_dir():
+            raise VaekitError(
+                f"{run_dir} has no {CHECKPOINTS} folder to resume from (made by an older vaekit, or removed)"
+            )
     _check_names(cfg)
     pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -259,28 +279,29 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
-    p = Progress() if start is None else load_checkpoint(start, model, optimizer, scheduler, shuffle)
+    n, bs = len(x_train), t.batch_size
+    steps = (n + bs - 1) // bs
+    identity = _identity(cfg, data)
+    p = Progress()
+    if start is not None:
+        p = load_checkpoint(start, model, optimizer, scheduler, shuffle, identity, steps)
     if p.stopped:
         raise VaekitError(f"{out} stopped early at epoch {p.epoch}; its best model is in {Path(out) / BEST}")  # type: ignore[arg-type]
     if p.epoch >= t.epochs:
-        raise VaekitError(f"{out} has finished its {p.epoch} epochs; to train it for longer, pass --epochs N")
-    if p.order is not None and len(p.order) != len(x_train):
-        raise VaekitError(
-            f"the training data now has {len(x_train)} examples, but the checkpoint was made with {len(p.order)}"
-        )
+        done = f"has finished its {p.epoch} epochs" if p.epoch == t.epochs else f"has already trained {p.epoch} epochs"
+        raise VaekitError(f"{out} {done}; to train it for longer, pass --epochs N with N > {p.epoch}")
     run_dir = _run_dir(out, cfg) if fresh else Path(out)  # type: ignore[arg-type]
     write_text(run_dir / CONFIG, cfg.to_toml())
+    (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     say(f"run directory: {run_dir}" + (f" (resuming from {start.name})" if start else ""))
     params = list(model.parameters())
-    n, bs = len(x_train), t.batch_size
-    steps = (n + bs - 1) // bs
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
 
     def checkpoint() -> Path:
-        return save_checkpoint(run_dir, model, optimizer, shuffle, p, t.keep_checkpoints)
+        return save_checkpoint(run_dir, model, optimizer, shuffle, p, identity, t.keep_checkpoints)
 
-    with _Signals() as signals:
+    with _Signals(run_dir, p) as signals:
         while p.epoch < t.epochs and not p.stopped:
             began = time.perf_counter() - p.seconds
             if p.step == 0:
@@ -305,7 +326,7 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
                     p.used, p.bad = p.used + len(x), 0
                 else:
                     p.skipped, p.bad = p.skipped + 1, p.bad + 1
-                    _skipped(p, run_dir, t.skip_limit, bar, verbose)
+                    _skipped(p, run_dir, t.skip_limit, bar)
                 p.step, p.global_step = step + 1, p.global_step + 1
                 if signals.received or (t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and not p.bad):
                     p.seconds = time.perf_counter() - began
@@ -342,7 +363,7 @@ def _report(row: dict[str, Any]) -> str:
     return f"epoch {row['epoch']:3d}  {losses}{skipped}  ({row['seconds']:.2f} s)"
 
 
-def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any, verbose: bool) -> None:
+def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any) -> None:
     """Report an update skipped for a non-finite loss or gradient; stop training after limit in a row."""
     if p.bad >= limit:
         found = listing(run_dir)
@@ -351,7 +372,7 @@ def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any, verbose: bool) ->
             f"training stopped: the loss or its gradients were not finite in {limit} steps in a row (epoch "
             f"{p.epoch + 1}, step {p.step + 1}); {last}; try a lower --lr or --set train.clip_grad=..."
         )
-    if verbose and p.skipped == 1:
+    if p.skipped == 1:
         bar.write(
             f"epoch {p.epoch + 1}, step {p.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr
         )
@@ -363,12 +384,14 @@ def _end_epoch(
     """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping."""
     p.epoch, p.step, p.seconds, p.order = p.epoch + 1, 0, 0.0, None
     model.eval()
-    row: dict[str, Any] = {"epoch": p.epoch, "train_loss": p.total.item() / p.used if p.used else None}
-    row.update({f"{name}_loss": mean_loss(model, x, cfg.train.eval_batch_size) for name, x in held_out.items()})
+    losses = {"train": p.total.item() / p.used if p.used else math.nan}
+    losses.update({name: mean_loss(model, x, cfg.train.eval_batch_size) for name, x in held_out.items()})
+    # A loss that is not finite (no update at all, or diverged weights) is null: metrics.jsonl stays strict JSON.
+    row = {"epoch": p.epoch, **{f"{k}_loss": v if math.isfinite(v) else None for k, v in losses.items()}}
     p.metrics.append({**row, "skipped": p.skipped, "lr": lr, "seconds": seconds})
     save_model(model, run_dir)
-    write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in p.metrics))
-    if row.get("valid_loss", math.inf) < p.best_loss:
+    write_text(run_dir / METRICS, "".join(json.dumps(m, allow_nan=False) + "\n" for m in p.metrics))
+    if (row.get("valid_loss") or math.inf) < p.best_loss:
         p.best_loss, p.best_epoch = row["valid_loss"], p.epoch
         save_model(model, run_dir / BEST)
         write_text(run_dir / BEST / CONFIG, cfg.to_toml())
