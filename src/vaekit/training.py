@@ -146,7 +146,7 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VaekitError(f"--out {out} is a file, not a directory")
-    if any((out / name).exists() for name in (CONFIG, DESCRIPTION, CHECKPOINTS)):
+    if (out / CONFIG).exists() or (out / DESCRIPTION).exists() or any(listing(out)):
         raise VaekitError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def resume(run: str | Path, *, epochs: int | None = None, dataset: Dataset | Non
         # An empty checkpoints folder is a run killed before its first checkpoint: it starts again from scratch.
         if path is None and not (run_dir / CHECKPOINTS).is_dir():
             raise VaekitError(
-                f"{run_dir} has no {CHECKPOINTS} folder to resume from (made by an older vaekit, or removed)"
+                f"{run_dir} has no {CHECKPOINTS} folder to resume from (an older vaekit's run, or it was removed)"
             )
     _check_names(cfg)
     pick_device(cfg.train.device)
@@ -291,8 +291,9 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
         done = f"has finished its {p.epoch} epochs" if p.epoch == t.epochs else f"has already trained {p.epoch} epochs"
         raise VaekitError(f"{out} {done}; to train it for longer, pass --epochs N with N > {p.epoch}")
     run_dir = _run_dir(out, cfg) if fresh else Path(out)  # type: ignore[arg-type]
-    write_text(run_dir / CONFIG, cfg.to_toml())
+    # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
     (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+    write_text(run_dir / CONFIG, cfg.to_toml())
     say = print if verbose else (lambda *a, **k: None)
     say(f"run directory: {run_dir}" + (f" (resuming from {start.name})" if start else ""))
     params = list(model.parameters())
