@@ -264,7 +264,7 @@ def make_config(
 
 # Layer widths, latent sizes and batch sizes beyond this cannot be allocated on any current machine.
 MAX_SIZE = 2**24
-SIZE = "an integer from 1 to 2**24"
+SIZE, SIZES = "an integer from 1 to 2**24", "integers from 1 to 2**24"
 
 
 def validate(cfg: Config) -> None:
@@ -276,13 +276,13 @@ def validate(cfg: Config) -> None:
         ("train.lr", 0 < cfg.train.lr < math.inf, "a finite number > 0"),
         ("train.seed", 0 <= cfg.train.seed < 2**63, "an integer from 0 to 2**63 - 1"),
         ("model.latent", 1 <= cfg.model.latent <= MAX_SIZE, SIZE),
-        ("model.hidden", all(1 <= h <= MAX_SIZE for h in cfg.model.hidden), "a list of integers from 1 to 2**24"),
-        ("model.hidden2", all(1 <= h <= MAX_SIZE for h in cfg.model.hidden2), "a list of integers from 1 to 2**24"),
+        ("model.hidden", all(1 <= h <= MAX_SIZE for h in cfg.model.hidden), f"a list of {SIZES}"),
+        ("model.hidden2", all(1 <= h <= MAX_SIZE for h in cfg.model.hidden2), f"a list of {SIZES}"),
         ("model.latent2", 0 <= cfg.model.latent2 <= MAX_SIZE, "an integer from 0 (one stochastic layer) to 2**24"),
         (
             "model.channels",
             len(cfg.model.channels) >= 1 and all(1 <= c <= MAX_SIZE for c in cfg.model.channels),
-            f"a non-empty list of {SIZE}s",
+            f"a non-empty list of {SIZES}",
         ),
         ("model.net", cfg.model.net in ("mlp", "conv"), "mlp or conv"),
         ("model.variance", cfg.model.variance in ("fixed", "global", "per-dim"), "fixed, global or per-dim"),

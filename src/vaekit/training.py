@@ -212,10 +212,13 @@ def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
     return {"settings": settings, "data": digests}
 
 
-def _check_names(cfg: Config) -> None:
-    """Refuse unknown activation and likelihood names before the data is loaded, which can take a while."""
+def _load(cfg: Config, dataset: Dataset | None) -> Dataset:
+    """The data to train on, after the checks that need none: data can take a while to load."""
     nets.activation(cfg.model.activation)
     likelihoods.get(cfg.model.likelihood)
+    pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # before the data and the model, which may draw random numbers
+    return dataset if dataset is not None else load_data(cfg.data)
 
 
 def train(
@@ -228,10 +231,7 @@ def train(
 ) -> Run:
     """Train a VAE from a preset name or a Config, with overrides such as epochs=5, and save it as a run directory."""
     cfg = make_config(config, overrides=overrides) if isinstance(config, str) else override(config, overrides)
-    _check_names(cfg)
-    pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    data = dataset if dataset is not None else load_data(cfg.data)
+    data = _load(cfg, dataset)
     # The run records absolute paths so that later commands find its data from any directory.
     if cfg.data.name not in SOURCES and Path(cfg.data.name).expanduser().exists():
         cfg.data.name = str(Path(cfg.data.name).expanduser().resolve())
@@ -262,11 +262,7 @@ def resume(run: str | Path, *, epochs: int | None = None, dataset: Dataset | Non
             raise VaekitError(
                 f"{run_dir} has no {CHECKPOINTS} folder to resume from (an older vaekit's run, or it was removed)"
             )
-    _check_names(cfg)
-    pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    data = dataset if dataset is not None else load_data(cfg.data)
-    return _fit(cfg, data, run_dir, path, verbose, fresh=False)
+    return _fit(cfg, _load(cfg, dataset), run_dir, path, verbose, fresh=False)
 
 
 def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None, verbose: bool, fresh: bool) -> Run:
@@ -392,8 +388,9 @@ def _end_epoch(
     p.metrics.append({**row, "skipped": p.skipped, "lr": lr, "seconds": seconds})
     save_model(model, run_dir)
     write_text(run_dir / METRICS, "".join(json.dumps(m, allow_nan=False) + "\n" for m in p.metrics))
-    if (row.get("valid_loss") or math.inf) < p.best_loss:
-        p.best_loss, p.best_epoch = row["valid_loss"], p.epoch
+    valid = row.get("valid_loss")
+    if valid is not None and valid < p.best_loss:
+        p.best_loss, p.best_epoch = valid, p.epoch
         save_model(model, run_dir / BEST)
         write_text(run_dir / BEST / CONFIG, cfg.to_toml())
     p.stopped = bool(cfg.train.patience) and p.epoch - p.best_epoch >= cfg.train.patience
