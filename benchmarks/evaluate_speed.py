@@ -3,7 +3,7 @@
 For each architecture (the seed preset's 784-256-2 ReLU MLP and iwae-1l's 784-200-200-50 tanh MLP, both with a
 Bernoulli decoder on binary 28x28 images) the script:
   1. measures the matmul bound: the best FLOP/s of a large float32 matrix product on the same device and threads;
-  2. times vaekit's estimator, vaekit.evaluation.estimate, at k = 5000 on a set of images;
+  2. times vaekit's estimator, vaekit.estimate, at k = 5000 on a set of images;
   3. counts the matrix-multiply FLOPs that estimate executes (torch.utils.flop_counter) and divides their rate by
      the bound;
   4. times a plain reference implementation side by side (per image: k draws in one batch,
@@ -28,8 +28,8 @@ from torch.distributions import Normal
 from torch.utils.flop_counter import FlopCounterMode
 
 from vaekit.config import ModelConfig
-from vaekit.evaluation import estimate
 from vaekit.model import VAE
+from vaekit.uses.evaluation import estimate
 
 ARCHITECTURES = {
     "seed (784-256-2 relu)": ModelConfig(hidden=[256], latent=2, activation="relu"),

@@ -21,10 +21,10 @@ import torch
 from common import arguments, mnist_copy
 
 import vaekit
-from vaekit.evaluation import mean_loss
-from vaekit.model import VAE, objective
-from vaekit.rundir import METRICS, save_model, write_text
-from vaekit.training import make_optimizer
+from vaekit.files import write_text
+from vaekit.model import VAE, mean_loss, objective
+from vaekit.optim import make_optimizer
+from vaekit.run import METRICS, save_model
 
 
 def bare(cfg: vaekit.Config, data: vaekit.Dataset, out: Path) -> list[float]:

@@ -16,9 +16,9 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 import vaekit
 from vaekit.cli import main
 from vaekit.config import ModelConfig
-from vaekit.evaluation import estimate
 from vaekit.likelihoods import Bernoulli
 from vaekit.model import VAE
+from vaekit.uses.evaluation import estimate
 
 D, L, SIGMA = 5, 2, 0.5  # the linear-Gaussian model: x = W z + b + SIGMA * noise, z ~ N(0, I_L)
 f64 = torch.float64

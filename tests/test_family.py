@@ -15,7 +15,7 @@ from vaekit.cli import main
 from vaekit.config import PRESETS, ModelConfig, make_config
 from vaekit.likelihoods import Bernoulli, Gaussian, LogisticMixture
 from vaekit.model import VAE, objective
-from vaekit.training import burda_schedule
+from vaekit.optim import burda_schedule
 
 f64 = torch.float64
 

@@ -33,7 +33,7 @@ from safetensors.torch import load, load_file, save
 import vaekit
 from vaekit.cli import main
 from vaekit.data import Dataset, Split
-from vaekit.evaluation import mean_loss
+from vaekit.model import mean_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,21 +1,43 @@
 """vaekit: variational auto-encoders as tools: train, measure, look at and use them."""
 
+from __future__ import annotations
+
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Names are imported on first use, so that `vaekit --help` and `import vaekit` do not wait for torch.
+# Names are imported on first use, so that `vaekit --help` and `import vaekit` do not wait for torch. The block under
+# TYPE_CHECKING names the same things for editors, type checkers and help(vaekit); a test keeps the two in step.
 _EXPORTS = {
     "config": ["PRESETS", "Config", "DataConfig", "ModelConfig", "TrainConfig", "make_config"],
     "data": ["Dataset", "Split", "load_data"],
     "errors": ["VaekitError"],
-    "evaluation": ["Evaluation", "estimate"],
-    "model": ["VAE"],
-    "rundir": ["load", "load_config", "read_metrics"],
-    "training": ["Interrupted", "Run", "pick_device", "resume", "train"],
-    "uses": ["decode", "encode", "evaluate", "interpolate", "manifold", "plot", "reconstruct", "sample"],
+    "importance": ["log_likelihood"],
+    "likelihoods": ["DiscreteLikelihood", "Likelihood"],
+    "model": ["VAE", "log_weights", "objective"],
+    "optim": ["pick_device"],
+    "plots": ["plot"],
+    "run": ["Run", "load", "load_config", "open_run", "read_metrics"],
+    "training": ["Interrupted", "resume", "train"],
+    "uses.evaluation": ["Evaluation", "estimate", "evaluate"],
+    "uses.generation": ["decode", "encode", "interpolate", "manifold", "reconstruct", "sample"],
 }
+
+if TYPE_CHECKING:
+    from .config import PRESETS, Config, DataConfig, ModelConfig, TrainConfig, make_config
+    from .data import Dataset, Split, load_data
+    from .errors import VaekitError
+    from .importance import log_likelihood
+    from .likelihoods import DiscreteLikelihood, Likelihood
+    from .model import VAE, log_weights, objective
+    from .optim import pick_device
+    from .plots import plot
+    from .run import Run, load, load_config, open_run, read_metrics
+    from .training import Interrupted, resume, train
+    from .uses.evaluation import Evaluation, estimate, evaluate
+    from .uses.generation import decode, encode, interpolate, manifold, reconstruct, sample
+
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)
 

@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,9 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import VaekitError
-from .rundir import write_bytes
+from .files import write_bytes
+from .run import ARTIFACTS
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = ARTIFACTS["checkpoints"]
 FORMAT = "vaekit-checkpoint"
 _NAME = re.compile(r"step-(\d+)\.safetensors")
 
@@ -70,7 +71,7 @@ def _rng_states(device: torch.device, shuffle: torch.Generator) -> tuple[dict[st
         tensors["rng.device"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
         tensors["rng.device"] = torch.mps.get_rng_state()
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    name, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, state, next_gauss = random.getstate()
     plain = {"numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(state), next_gauss]}
     return tensors, plain

@@ -229,9 +229,13 @@ def _pixels(im, channels: int, size: tuple[int, int]) -> torch.Tensor:
     if im.mode.startswith("I") or im.mode == "F":
         # 16-bit and float images would be clipped to 8 bits by convert(); scale them to [0, 1] first.
         scale = 65535.0 if im.mode.startswith("I") else 1.0
-        grey = Image.fromarray(np.asarray(im, dtype=np.float32) / scale, mode="F").resize(size, Image.BILINEAR)
+        grey = Image.fromarray(np.asarray(im, dtype=np.float32) / scale, mode="F").resize(
+            size, Image.Resampling.BILINEAR
+        )
         return torch.from_numpy(np.array(grey, dtype=np.float32)).unsqueeze(0).repeat(channels, 1, 1)
-    return pil_to_tensor(im.convert("L" if channels == 1 else "RGB").resize(size, Image.BILINEAR)).float() / 255
+    return (
+        pil_to_tensor(im.convert("L" if channels == 1 else "RGB").resize(size, Image.Resampling.BILINEAR)).float() / 255
+    )
 
 
 def _image_folder(cfg: DataConfig, path: Path) -> dict[str, Split]:

@@ -1,13 +1,15 @@
-"""Observation models p(x|z): each turns decoder outputs into per-example log-probabilities and samples.
+"""Observation models p(x|z): each turns decoder outputs into per-example log-probabilities, means and samples.
 
-A likelihood is a small module built for one data shape. `params_shape` says how many decoder outputs it needs;
-`log_prob(x, params)` sums over the dimensions of each example and broadcasts: x is (B, *shape) and params may carry
-extra leading sample dimensions, (S, B, *params_shape), giving (S, B). Adding one is a class and a registry line.
+Every likelihood is built for one data shape and satisfies the `Likelihood` protocol below; discrete ones also give
+the probability of every value of every dimension (`DiscreteLikelihood`), which is what an entropy coder needs. Adding
+one is a class and a registry line.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,51 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import VaekitError
+
+
+@runtime_checkable
+class Likelihood(Protocol):
+    """What the model asks of an observation model p(x|z) for examples of one shape.
+
+    Shapes: x is (B, *shape); params, the decoder's output, is (B, *params_shape()) and may carry extra leading
+    sample dimensions, (S, B, *params_shape()), which every method broadcasts over. Likelihoods with learned
+    parameters are also `torch.nn.Module`s, so that the model saves them with its weights.
+    """
+
+    shape: tuple[int, ...]  # the shape of one example
+    support: str | None  # where log_prob is a log-probability mass, in words; None for a density
+
+    def params_shape(self) -> tuple[int, ...]:
+        """The decoder output shape per example."""
+        ...
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log p(x | params) summed over the dimensions of each example: (..., B)."""
+        ...
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The expected value of x: (..., B, *shape)."""
+        ...
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw of x: (..., B, *shape)."""
+        ...
+
+    def discrete(self, x: torch.Tensor) -> bool:
+        """Whether log_prob(x) is a log-probability mass of these x (so that it counts bits)."""
+        ...
+
+
+@runtime_checkable
+class DiscreteLikelihood(Likelihood, Protocol):
+    """A likelihood over a finite set of values per dimension: the values v / (levels - 1), v = 0 .. levels - 1."""
+
+    levels: int  # how many values each dimension takes: 2 for binary data, 256 for 8-bit data
+
+    def value_log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        """log P(x_d = v / (levels - 1) | params) for every dimension d and value v: (..., B, *shape, levels)."""
+        ...
+
 
 LOG_2PI = math.log(2 * math.pi)
 MIN_LOG_SIGMA = math.log(1e-3)  # a learned deviation could otherwise shrink without end on constant dimensions
@@ -39,12 +86,12 @@ class _BernoulliLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logits, x)
         return x * logits - logits.relu() + logits.abs().sigmoid().log()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits, x = ctx.saved_tensors
         return grad * (x - logits.sigmoid()), grad * logits if ctx.needs_input_grad[1] else None
 
@@ -52,7 +99,8 @@ class _BernoulliLogProb(torch.autograd.Function):
 class Bernoulli(nn.Module):
     """Independent Bernoulli dimensions parameterised by logits: binary data, or grey levels read as probabilities."""
 
-    support = "the binary values 0 and 1"  # where log_prob is a log-probability mass
+    support: str | None = "the binary values 0 and 1"
+    levels = 2
 
     def __init__(self, shape: tuple[int, ...], config: ModelConfig):
         super().__init__()
@@ -84,6 +132,10 @@ class Bernoulli(nn.Module):
         """A draw of x."""
         return torch.bernoulli(torch.sigmoid(logits), generator=generator)
 
+    def value_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log P(x_d = 0) and log P(x_d = 1) of every dimension: (..., B, *shape, 2)."""
+        return torch.stack([-F.softplus(logits), -F.softplus(-logits)], -1)
+
     def discrete(self, x: torch.Tensor) -> bool:
         """Whether log_prob(x) is a log-probability mass (so that it counts bits): here, when x is binary."""
         return bool(((x == 0) | (x == 1)).all())
@@ -92,7 +144,7 @@ class Bernoulli(nn.Module):
 class Gaussian(nn.Module):
     """Independent Gaussians around the decoder output, with a fixed or learned (global or per-dimension) deviation."""
 
-    support = None  # a density: there is no set of values where log_prob is a log-probability mass
+    support: str | None = None  # a density: there is no set of values where log_prob is a log-probability mass
 
     def __init__(self, shape: tuple[int, ...], config: ModelConfig):
         super().__init__()
@@ -132,7 +184,8 @@ class LogisticMixture(nn.Module):
     """
 
     BINS = 255
-    support = "the 256 levels of 8-bit data"
+    support: str | None = "the 256 levels of 8-bit data"
+    levels = BINS + 1
 
     def __init__(self, shape: tuple[int, ...], config: ModelConfig):
         super().__init__()
@@ -151,6 +204,17 @@ class LogisticMixture(nn.Module):
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log P(x | params) summed over the dimensions of each example (a probability mass)."""
+        return _sum_event(self._log_mass(x, params), len(self.shape))
+
+    def value_log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        """log P(x_d = v / 255 | params) of every dimension d and level v: (..., B, *shape, 256)."""
+        levels = torch.arange(self.levels, device=params.device, dtype=params.dtype) / self.BINS
+        # The levels on a new first axis broadcast against every axis of an x (..., B, *shape); they end up last.
+        x = levels.view(-1, *[1] * params.dim())
+        return self._log_mass(x, params).movedim(0, -1)
+
+    def _log_mass(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log P(x_d | params) of every dimension d, broadcast over x and params: (..., B, *shape)."""
         log_w, means, log_scales = self._split(params)
         x = (2 * x - 1).unsqueeze(-len(self.shape) - 1)  # [-1, 1], with a mixture axis
         inv_s = torch.exp(-log_scales)
@@ -166,7 +230,7 @@ class LogisticMixture(nn.Module):
         log_density = centre - log_scales - 2 * F.softplus(centre) + math.log(2 * half_bin)
         log_mass = torch.where(mass > 1e-5, mass.clamp(min=1e-12).log(), log_density)
         log_p = torch.where(x < -1 + half_bin, log_cdf_upper, torch.where(x > 1 - half_bin, log_sf_lower, log_mass))
-        return _sum_event(torch.logsumexp(log_p + log_w, -len(self.shape) - 1), len(self.shape))
+        return torch.logsumexp(log_p + log_w, -len(self.shape) - 1)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """The expected value of x (the mixture mean, before discretisation)."""
@@ -190,20 +254,20 @@ class LogisticMixture(nn.Module):
         return bool(((x * self.BINS - torch.round(x * self.BINS)).abs() < 1e-3).all())
 
 
-LIKELIHOODS: dict[str, type[nn.Module]] = {
+LIKELIHOODS: dict[str, Callable[[tuple[int, ...], ModelConfig], Likelihood]] = {
     "bernoulli": Bernoulli,
     "gaussian": Gaussian,
     "logistic-mixture": LogisticMixture,
 }
 
 
-def get(name: str) -> type[nn.Module]:
+def get(name: str) -> Callable[[tuple[int, ...], ModelConfig], Likelihood]:
     """The likelihood class called name."""
     if name not in LIKELIHOODS:
         raise VaekitError(f"unknown likelihood '{name}' (allowed: {', '.join(LIKELIHOODS)})")
     return LIKELIHOODS[name]
 
 
-def build(shape: tuple[int, ...], config: ModelConfig) -> Bernoulli | Gaussian | LogisticMixture:
+def build(shape: tuple[int, ...], config: ModelConfig) -> Likelihood:
     """The likelihood config.likelihood names, for examples of the given shape."""
-    return get(config.likelihood)(tuple(shape), config)  # type: ignore[return-value]
+    return get(config.likelihood)(tuple(shape), config)

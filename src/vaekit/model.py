@@ -1,4 +1,5 @@
-"""The VAE: encoder, reparameterised Gaussian posterior, N(0, I) prior, decoder and likelihood. The ELBO lives here.
+"""The VAE: encoder, reparameterised Gaussian posterior, N(0, I) prior, decoder and likelihood. The ELBO lives here:
+`log_weights` gives the (k, B) importance log-weights that the training objective, evaluation and every use share.
 
 With model.latent2 > 0 the model has a second stochastic layer, as in Burda et al. (2015):
 q(z1|x) q(z2|z1) for inference and p(z2) p(z1|z2) p(x|z1) for generation.
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import likelihoods
 from .config import ModelConfig
-from .likelihoods import log_normal
+from .likelihoods import Likelihood, log_normal
 from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 
@@ -39,7 +40,7 @@ class VAE(nn.Module):
         self.shape = tuple(shape)
         self.config = config
         c = config
-        self.likelihood = likelihoods.build(self.shape, c)
+        self.likelihood: Likelihood = likelihoods.build(self.shape, c)
         out_shape = self.likelihood.params_shape()
         if c.net == "conv":
             self.encoder: nn.Module = ConvEncoder(self.shape, c.channels, c.hidden, c.latent, c.activation)
@@ -73,7 +74,8 @@ class VAE(nn.Module):
         """Decoded means of n draws from the prior."""
         z = torch.randn(n, self.config.latent2 or self.latent, generator=generator, device=self.device)
         if self.config.latent2:
-            z = draw(*self.prior1(z), generator)
+            mean, logvar = self.prior1(z)
+            z = draw(mean, logvar, generator)
         return self.decode(z)
 
     def terms(
@@ -105,7 +107,9 @@ class VAE(nn.Module):
         return objective(self, x, generator=generator)
 
     @torch.no_grad()
-    def posterior_means(self, x: torch.Tensor, draws: int = 100, generator: torch.Generator | None = None):
+    def posterior_means(
+        self, x: torch.Tensor, draws: int = 100, generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
         """E_q[z] of every latent layer, a list of (B, dims): exact for z1, over `draws` draws of z1 for z2."""
         mean, logvar = self.encoder(x)
         means = [mean]
@@ -113,6 +117,31 @@ class VAE(nn.Module):
             z1 = draw(mean, logvar, generator, draws)
             means.append(self.encoder2(z1)[0].mean(0))
         return means
+
+
+def log_weights(
+    model: VAE,
+    x: torch.Tensor,
+    k: int = 1,
+    *,
+    analytic: bool = False,
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    generator: torch.Generator | None = None,
+    posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The log importance weights log p(x|z) + log p(z) - log q(z|x) at k draws z ~ q(z|x) per example: (k, B).
+
+    Their mean over the draws is the ELBO, their log-mean-exp the k-sample bound on log p(x) (Burda et al. 2015).
+    analytic=True puts the top layer's KL in closed form (lower variance, for the ELBO; not importance weights).
+    For training, beta weights the KL terms and free_bits exempts each latent dimension whose KL, averaged over the
+    batch, is below that many nats (Kingma et al. 2016). posterior, if given, is model.encode(x) already computed.
+    """
+    log_px, kl = model.terms(x, k, analytic=analytic, generator=generator, posterior=posterior)
+    if free_bits > 0:
+        kl = torch.where(kl.detach().mean((0, 1)) >= free_bits, kl, torch.full_like(kl, free_bits))
+    kl_sum = kl.sum(-1)
+    return log_px - (kl_sum if beta == 1.0 else beta * kl_sum)
 
 
 def objective(
@@ -124,15 +153,18 @@ def objective(
     free_bits: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Per-example loss to minimise: the negative ELBO averaged over k draws, or the negative k-sample IWAE bound.
-
-    beta weights the KL terms (beta-VAE, warm-up); free_bits exempts each latent dimension whose KL, averaged over
-    the batch, is below that many nats (Kingma et al. 2016).
-    """
-    log_px, kl = model.terms(x, k, analytic=kind == "elbo", generator=generator)
-    if free_bits > 0:
-        kl = torch.where(kl.detach().mean((0, 1)) >= free_bits, kl, torch.full_like(kl, free_bits))
-    log_w = log_px - beta * kl.sum(-1)
+    """Per-example loss to minimise: the negative ELBO averaged over k draws, or the negative k-sample IWAE bound."""
+    log_w = log_weights(model, x, k, analytic=kind == "elbo", beta=beta, free_bits=free_bits, generator=generator)
     if kind == "iwae":
         return math.log(k) - torch.logsumexp(log_w, 0)
     return -log_w.mean(0)
+
+
+@torch.no_grad()
+def mean_loss(model: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> float:
+    """Average single-sample negative ELBO per example in nats, with a fixed seed for the posterior draws."""
+    g = torch.Generator(model.device).manual_seed(seed)
+    total = torch.zeros((), device=model.device)
+    for i in range(0, len(x), batch_size):
+        total += model.loss(x[i : i + batch_size].to(model.device), g).sum()
+    return total.item() / len(x)

@@ -18,13 +18,13 @@ class _TanhFunction(torch.autograd.Function):
     """tanh(x) computed as 2 sigmoid(2x) - 1, with the usual gradient 1 - tanh(x)^2."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         y = torch.sigmoid(2 * x).mul_(2).sub_(1)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         return grad * (1 - y.square())
 

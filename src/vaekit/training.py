@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import signal
 import sys
 import threading
 import time
-import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,118 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import likelihoods, nets
-from .checkpoint import CHECKPOINTS, Progress, listing, load_checkpoint, save_checkpoint
-from .config import Config, TrainConfig, make_config, override
+from .checkpoint import Progress, listing, load_checkpoint, save_checkpoint
+from .config import Config, make_config, override
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
-from .evaluation import mean_loss
-from .model import VAE, objective
-from .rundir import BEST, CONFIG, DESCRIPTION, METRICS, load_config, save_model, write_text
-
-
-@dataclass
-class Run:
-    """The result of training: where it was saved, how it was configured, the model and its per-epoch metrics."""
-
-    dir: Path
-    config: Config
-    model: VAE
-    data: Dataset
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-def pick_device(name: str) -> torch.device:
-    """The training device: 'auto' takes cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise VaekitError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VaekitError("device 'cuda' requested but no CUDA GPU is available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise VaekitError(f"device '{name}' requested but there are {torch.cuda.device_count()} CUDA GPUs")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise VaekitError("device 'mps' requested but MPS is not available")
-    return device
-
-
-# Classes the loop cannot drive: they need a closure, sparse gradients, a metric, functions or other schedulers.
-UNSUPPORTED = {
-    "LBFGS",
-    "SparseAdam",
-    "Muon",
-    "ReduceLROnPlateau",
-    "ChainedScheduler",
-    "SequentialLR",
-    "LambdaLR",
-    "MultiplicativeLR",
-}
-
-
-def _by_name(module: Any, name: str, base: type, key: str) -> type:
-    """The class called name (any capitalisation) in a torch module, checked to derive from base."""
-    classes = {
-        n: c
-        for n, c in vars(module).items()
-        if isinstance(c, type) and issubclass(c, base) and c is not base and n not in UNSUPPORTED and n[0] != "_"
-    }
-    found = {n.lower(): c for n, c in classes.items()}.get(name.lower())
-    if found is None:
-        raise VaekitError(f"unknown {key} '{name}' (allowed: {', '.join(sorted(classes))})")
-    return found
-
-
-def burda_schedule(epoch: int) -> float:
-    """Burda et al.'s learning-rate factor after `epoch` passes: 10^(-i/7) during the 3^i passes of stage i."""
-    stage, end = 0, 1
-    while epoch >= end and stage < 7:
-        stage += 1
-        end += 3**stage
-    return 10 ** (-stage / 7)
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate scheduler cfg names, attached to optimizer."""
-    schedulers = torch.optim.lr_scheduler
-    if cfg.scheduler == "burda":
-        return schedulers.LambdaLR(optimizer, burda_schedule, **cfg.scheduler_args)
-    cls = _by_name(schedulers, cfg.scheduler, schedulers.LRScheduler, "train.scheduler")
-    return cls(optimizer, **cfg.scheduler_args)
-
-
-def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
-    """The optimizer and learning-rate scheduler (or None) that cfg names, with their arguments."""
-    cls = _by_name(torch.optim, cfg.optimizer, torch.optim.Optimizer, "train.optimizer")
-    args = dict(cfg.optimizer_args)
-    # The fused kernel is the same update in one pass over the parameters: on a CPU it halves the Adam step time.
-    fusable = "fused" in inspect.signature(cls).parameters and device.type in ("cpu", "cuda")
-    if fusable and not (args.get("foreach") or args.get("differentiable")):
-        args.setdefault("fused", True)
-    try:
-        optimizer = cls(model.parameters(), lr=cfg.lr, **args)
-        if not cfg.scheduler:
-            return optimizer, None
-        # Some scheduler arguments only fail when stepped (a OneCycleLR too short for the run, a step size of the
-        # wrong type): a rehearsal of the whole run on a stand-in optimizer finds them before any training.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rehearsal = _scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr), cfg)
-            for _ in range(cfg.epochs):
-                rehearsal.step()
-        return optimizer, _scheduler(optimizer, cfg)
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, ZeroDivisionError) as e:
-        what, given = cfg.optimizer, f"train.optimizer_args = {cfg.optimizer_args}"
-        if cfg.scheduler:
-            what, given = f"{what} and {cfg.scheduler}", f"{given} and train.scheduler_args = {cfg.scheduler_args}"
-        raise VaekitError(f"cannot build {what} from {given}: {e}") from None
+from .files import write_text
+from .model import VAE, mean_loss, objective
+from .optim import make_optimizer, pick_device
+from .run import ARTIFACTS, Run, save_model
 
 
 def _run_dir(out: str | Path | None, cfg: Config) -> Path:
@@ -146,7 +41,7 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VaekitError(f"--out {out} is a file, not a directory")
-    if (out / CONFIG).exists() or (out / DESCRIPTION).exists() or any(listing(out)):
+    if any((out / ARTIFACTS[name]).exists() for name in ("config", "description")) or any(listing(out)):
         raise VaekitError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +84,7 @@ class _Signals:
             signal.signal(s, handler)
 
 
-def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+def _finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
     """Whether the loss and every gradient are finite (one device sync per step)."""
     # A sum is finite exactly when all its terms are (or it overflows, which no sane update does); sums cost half of
     # what norms do on a CPU.
@@ -205,9 +100,9 @@ def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
         del settings[section][key]
     digests = {}
     for name, split in data.splits.items():
-        h = hashlib.sha256(split.x.detach().cpu().contiguous().numpy())
+        h = hashlib.sha256(split.x.detach().cpu().contiguous().numpy().data)
         if split.y is not None:
-            h.update(split.y.detach().cpu().contiguous().numpy())
+            h.update(split.y.detach().cpu().contiguous().numpy().data)
         digests[name] = [len(split.x), h.hexdigest()]
     return {"settings": settings, "data": digests}
 
@@ -239,104 +134,138 @@ def train(
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.data.channels == 0 and Path(cfg.data.name).is_dir():
         cfg.data.channels = data.shape[0]
-    return _fit(cfg, data, out, None, verbose, fresh=True)
+    state = _prepare(cfg, data, None)
+    return _loop(Run(_run_dir(out, cfg), cfg, state.model, data, state.progress.metrics), state, None, verbose)
 
 
-def resume(run: str | Path, *, epochs: int | None = None, dataset: Dataset | None = None, verbose: bool = True) -> Run:
+def resume(
+    run: Run | str | Path, *, epochs: int | None = None, dataset: Dataset | None = None, verbose: bool = True
+) -> Run:
     """Continue a run from its newest checkpoint (or from a checkpoint file), exactly as if it had never stopped."""
-    run = Path(run)
-    path = run if run.is_file() else None
-    if path is not None and path.parent.name != CHECKPOINTS:
-        raise VaekitError(f"{run} is not a checkpoint: pass a run directory or a file in RUN/{CHECKPOINTS}")
-    run_dir = run.parent.parent if path is not None else run
-    if not (run_dir / CONFIG).is_file():
-        raise VaekitError(f"{run} is not a vaekit run or checkpoint: {run_dir / CONFIG} is missing")
-    cfg = load_config(run_dir)
+    given = run.dir if isinstance(run, Run) else Path(run)
+    checkpoints = ARTIFACTS["checkpoints"]
+    path = given if given.is_file() else None
+    if path is not None and path.parent.name != checkpoints:
+        raise VaekitError(f"{given} is not a checkpoint: pass a run directory or a file in RUN/{checkpoints}")
+    run = Run(given.parent.parent if path is not None else given)
+    if not run.path("config").is_file():
+        raise VaekitError(f"{given} is not a vaekit run or checkpoint: {run.path('config')} is missing")
+    cfg = run.config
     if epochs is not None:
         cfg = override(cfg, {"train.epochs": epochs})
     if path is None:
-        found = listing(run_dir)
+        found = listing(run.dir)
         path = found[-1] if found else None
         # An empty checkpoints folder is a run killed before its first checkpoint: it starts again from scratch.
-        if path is None and not (run_dir / CHECKPOINTS).is_dir():
+        if path is None and not run.path("checkpoints").is_dir():
             raise VaekitError(
-                f"{run_dir} has no {CHECKPOINTS} folder to resume from (an older vaekit's run, or it was removed)"
+                f"{run.dir} has no {checkpoints} folder to resume from (an older vaekit's run, or it was removed)"
             )
-    return _fit(cfg, _load(cfg, dataset), run_dir, path, verbose, fresh=False)
+    data = _load(cfg, dataset)
+    state = _prepare(cfg, data, path)
+    p = state.progress
+    if p.stopped:
+        raise VaekitError(f"{run.dir} stopped early at epoch {p.epoch}; its best model is in {run.path('best')}")
+    if p.epoch >= cfg.train.epochs:
+        done = (
+            f"has finished its {p.epoch} epochs"
+            if p.epoch == cfg.train.epochs
+            else f"has already trained {p.epoch} epochs"
+        )
+        raise VaekitError(f"{run.dir} {done}; to train it for longer, pass --epochs N with N > {p.epoch}")
+    return _loop(Run(run.dir, cfg, state.model, data, p.metrics), state, path, verbose)
 
 
-def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None, verbose: bool, fresh: bool) -> Run:
-    """Build the model and optimizer, restore a checkpoint if given, and train: the training loop."""
+@dataclass
+class _State:
+    """What the loop trains: the model, its optimizer and scheduler, the data-order generator, where training stands,
+    and the identity (settings, data fingerprint) that every checkpoint records."""
+
+    model: VAE
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    shuffle: torch.Generator
+    progress: Progress
+    identity: dict[str, Any]
+
+
+def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
+    """Build the model, optimizer and scheduler, and restore the training state of the checkpoint start, if given."""
     t, device = cfg.train, pick_device(cfg.train.device)
     if t.patience and "valid" not in data.splits:
         raise VaekitError("train.patience needs a validation split: hold one out with --set data.validation=N")
-    x_train = data.split("train").x.to(device)
-    held_out = {name: data.splits[name].x.to(device) for name in ("valid", "test") if name in data.splits}
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
-    n, bs = len(x_train), t.batch_size
-    steps = (n + bs - 1) // bs
     identity = _identity(cfg, data)
     p = Progress()
     if start is not None:
+        steps = (len(data.split("train").x) + t.batch_size - 1) // t.batch_size
         p = load_checkpoint(start, model, optimizer, scheduler, shuffle, identity, steps)
-    if p.stopped:
-        raise VaekitError(f"{out} stopped early at epoch {p.epoch}; its best model is in {Path(out) / BEST}")  # type: ignore[arg-type]
-    if p.epoch >= t.epochs:
-        done = f"has finished its {p.epoch} epochs" if p.epoch == t.epochs else f"has already trained {p.epoch} epochs"
-        raise VaekitError(f"{out} {done}; to train it for longer, pass --epochs N with N > {p.epoch}")
-    run_dir = _run_dir(out, cfg) if fresh else Path(out)  # type: ignore[arg-type]
+    return _State(model, optimizer, scheduler, shuffle, p, identity)
+
+
+def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
+    """Train run's model from where s.progress stands to the last epoch: the training loop."""
+    cfg, t, p, model, device = run.config, run.config.train, s.progress, s.model, s.model.device
+    x_train = run.data.split("train").x.to(device)
+    held_out: dict[str, torch.Tensor] = {
+        name: run.data.splits[name].x.to(device) for name in ("valid", "test") if name in run.data.splits
+    }
+    n, bs = len(x_train), t.batch_size
+    steps = (n + bs - 1) // bs
     # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
-    (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
-    write_text(run_dir / CONFIG, cfg.to_toml())
+    run.path("checkpoints").mkdir(exist_ok=True)
+    write_text(run.path("config"), cfg.to_toml())
     say = print if verbose else (lambda *a, **k: None)
-    say(f"run directory: {run_dir}" + (f" (resuming from {start.name})" if start else ""))
+    say(f"run directory: {run.dir}" + (f" (resuming from {start.name})" if start else ""))
     params = list(model.parameters())
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
 
     def checkpoint() -> Path:
-        return save_checkpoint(run_dir, model, optimizer, shuffle, p, identity, t.keep_checkpoints)
+        return save_checkpoint(run.dir, model, s.optimizer, s.shuffle, p, s.identity, t.keep_checkpoints)
 
-    with _Signals(run_dir, p) as signals:
+    with _Signals(run.dir, p) as signals:
         while p.epoch < t.epochs and not p.stopped:
             began = time.perf_counter() - p.seconds
-            if p.step == 0:
-                p.order = torch.randperm(n, device=device, generator=shuffle)
-                p.total, p.used, p.skipped = torch.zeros((), device=device), 0, 0
+            order, total = p.order, p.total
+            if p.step == 0 or order is None or total is None:  # a new epoch
+                order = p.order = torch.randperm(n, device=device, generator=s.shuffle)
+                total = p.total = torch.zeros((), device=device)
+                p.used, p.skipped = 0, 0
             model.train()
             bar = tqdm(range(p.step, steps), desc=f"epoch {p.epoch + 1}/{t.epochs}", initial=p.step, total=steps,
                        leave=False, disable=not verbose or None)  # fmt: skip
             for step in bar:
-                x = x_train[p.order[step * bs : (step + 1) * bs]]
+                x = x_train[order[step * bs : (step + 1) * bs]]
                 if cfg.data.binarize:
                     x = torch.bernoulli(x)
                 beta = t.beta * min(1.0, (p.epoch + step / steps) / t.warmup) if t.warmup else t.beta
                 loss = objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
-                optimizer.zero_grad(set_to_none=True)
+                s.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if _finite(loss, params):
                     if t.clip_grad:
                         torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-                    optimizer.step()
-                    p.total += loss.detach()
+                    s.optimizer.step()
+                    total += loss.detach()
                     p.used, p.bad = p.used + len(x), 0
                 else:
                     p.skipped, p.bad = p.skipped + 1, p.bad + 1
-                    _skipped(p, run_dir, t.skip_limit, bar)
+                    _skipped(p, run.dir, t.skip_limit, bar)
                 p.step, p.global_step = step + 1, p.global_step + 1
                 if signals.received or (t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and not p.bad):
                     p.seconds = time.perf_counter() - began
                     saved = checkpoint()
                     if signals.received:
-                        raise Interrupted(signals.received, run_dir, saved, p)
+                        raise Interrupted(signals.received, run.dir, saved, p)
                 if step % 50 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
             bar.close()
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
-            _end_epoch(cfg, model, run_dir, p, held_out, lr, time.perf_counter() - began)
+            lr = s.optimizer.param_groups[0]["lr"]
+            if s.scheduler is not None:
+                s.scheduler.step()
+            _end_epoch(run, p, held_out, lr, time.perf_counter() - began)
             # Last, so that every file it stands for is already written. None in a streak of skipped steps, unless it
             # must record that the run has ended.
             if signals.received or not p.bad or p.epoch >= t.epochs or p.stopped:
@@ -344,11 +273,11 @@ def _fit(cfg: Config, data: Dataset, out: str | Path | None, start: Path | None,
             if p.epoch % report_every == 0 or p.epoch == t.epochs or p.epoch == 1 or p.stopped:
                 say(_report(p.metrics[-1]))
             if signals.received and p.epoch < t.epochs and not p.stopped:
-                raise Interrupted(signals.received, run_dir, saved, p)
+                raise Interrupted(signals.received, run.dir, saved, p)
     if p.stopped:
-        best = f"the best model, of epoch {p.best_epoch}, is in {run_dir / BEST}"
+        best = f"the best model, of epoch {p.best_epoch}, is in {run.path('best')}"
         say(f"early stop: the valid loss has not improved for {t.patience} epochs; {best}")
-    return Run(run_dir, cfg, model, data, p.metrics)
+    return run
 
 
 def _report(row: dict[str, Any]) -> str:
@@ -375,22 +304,21 @@ def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any) -> None:
         )
 
 
-def _end_epoch(
-    cfg: Config, model: VAE, run_dir: Path, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float
-) -> None:
+def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float) -> None:
     """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping."""
+    cfg, model = run.config, run.model
     p.epoch, p.step, p.seconds, p.order = p.epoch + 1, 0, 0.0, None
     model.eval()
-    losses = {"train": p.total.item() / p.used if p.used else math.nan}
+    losses = {"train": p.total.item() / p.used if p.total is not None and p.used else math.nan}
     losses.update({name: mean_loss(model, x, cfg.train.eval_batch_size) for name, x in held_out.items()})
     # A loss that is not finite (no update at all, or diverged weights) is null: metrics.jsonl stays strict JSON.
     row = {"epoch": p.epoch, **{f"{k}_loss": v if math.isfinite(v) else None for k, v in losses.items()}}
     p.metrics.append({**row, "skipped": p.skipped, "lr": lr, "seconds": seconds})
-    save_model(model, run_dir)
-    write_text(run_dir / METRICS, "".join(json.dumps(m, allow_nan=False) + "\n" for m in p.metrics))
+    save_model(model, run.dir)
+    write_text(run.path("metrics"), "".join(json.dumps(m, allow_nan=False) + "\n" for m in p.metrics))
     valid = row.get("valid_loss")
     if valid is not None and valid < p.best_loss:
         p.best_loss, p.best_epoch = valid, p.epoch
-        save_model(model, run_dir / BEST)
-        write_text(run_dir / BEST / CONFIG, cfg.to_toml())
+        save_model(model, run.path("best"))
+        write_text(Run(run.path("best")).path("config"), cfg.to_toml())
     p.stopped = bool(cfg.train.patience) and p.epoch - p.best_epoch >= cfg.train.patience

@@ -1,0 +1,209 @@
+"""A run directory as an object: its config, model, metrics and data, and the path of every artifact by name.
+
+Every run-level command opens a run with `open_run` and asks it for what it needs; what a run holds is named in
+`ARTIFACTS` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .config import Config, from_dict, read_toml
+from .data import Dataset, Split, load_data
+from .errors import VaekitError
+from .files import write_bytes, write_text
+from .model import VAE
+
+# The files and folders of a run, by name. {split} is "" for the test split and "-SPLIT" for the others; {first} is
+# "" for a whole split and "-firstN" for its first N examples.
+ARTIFACTS = {
+    "config": "config.toml",  # the complete resolved configuration
+    "weights": "model.safetensors",
+    "description": "model.json",  # what rebuilds the model: shape, sizes, activation, likelihood
+    "metrics": "metrics.jsonl",  # one JSON object per epoch
+    "checkpoints": "checkpoints",  # training states for --resume
+    "best": "best",  # the model of the epoch with the lowest validation loss, as a run directory of its own
+    "plots": "plots",  # what `plot` draws:
+    "loss-plot": "plots/loss.png",
+    "latent-plot": "plots/latent.png",
+    "manifold-plot": "plots/manifold.png",
+    "samples-plot": "plots/samples.png",
+    "reconstructions-plot": "plots/reconstructions.png",
+    "interpolations-plot": "plots/interpolations.png",
+    "evaluation": "evaluation{split}{first}.json",  # what `evaluate` measured; per-example values in the .npz
+    "samples": "samples.png",
+    "reconstructions": "reconstructions.png",
+    "latents": "latents.npy",
+    "decoded": "decoded.png",
+}
+CONFIG, WEIGHTS, DESCRIPTION, METRICS = (ARTIFACTS[k] for k in ("config", "weights", "description", "metrics"))
+FORMAT = "vaekit-model"
+
+
+def save_model(model: VAE, run_dir: str | Path) -> None:
+    """Write the model's weights (safetensors) and the description that rebuilds it (JSON)."""
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_bytes(run_dir / WEIGHTS, save(state))
+    description = {"format": FORMAT, "version": 1, "shape": list(model.shape), "model": asdict(model.config)}
+    write_text(run_dir / DESCRIPTION, json.dumps(description, indent=2) + "\n")
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
+    """Rebuild a trained model from a run directory, without unpickling anything."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VaekitError(f"run directory not found: {run_dir}")
+    desc_path, weights_path = run_dir / DESCRIPTION, run_dir / WEIGHTS
+    try:
+        desc = json.loads(desc_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VaekitError(f"{run_dir} is not a vaekit run: {DESCRIPTION} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VaekitError(f"cannot read {desc_path}: {e}") from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise VaekitError(f"{desc_path} is not a vaekit model description")
+    try:
+        shape = tuple(int(s) for s in desc["shape"])
+        if not shape or min(shape) < 1:
+            raise ValueError(f"bad shape {shape}")
+        config = from_dict({"model": desc["model"]}).model
+    except (KeyError, TypeError, ValueError) as e:
+        raise VaekitError(f"{desc_path} is incomplete or malformed ({e})") from None
+    model = VAE(shape, config)
+    try:
+        state = load_file(weights_path)
+    except FileNotFoundError:
+        raise VaekitError(f"{run_dir} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError) as e:
+        raise VaekitError(f"{weights_path} is not a valid safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise VaekitError(f"{weights_path} does not hold weights for the model {DESCRIPTION} describes") from None
+    return model.to(device).eval()
+
+
+def load_config(run_dir: str | Path) -> Config:
+    """The resolved training configuration saved in a run directory."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise VaekitError(f"{run_dir} is not a vaekit run: {CONFIG} is missing")
+    raw = read_toml(path)
+    # Keys added in later versions may be missing and take their defaults; these were always written.
+    for key in ("data.name", "model.latent", "model.hidden", "train.epochs", "train.seed"):
+        section, name = key.split(".")
+        if not isinstance(raw.get(section), dict) or name not in raw[section]:
+            raise VaekitError(f"{path} is incomplete: it has no '{key}', which every run's {CONFIG} records")
+    return from_dict(raw)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics of a run (an empty list if it has none yet)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VaekitError(f"cannot read {path}: {e}") from None
+    for r in rows:
+        # A loss is null where it was not finite (an epoch without updates, or diverged weights).
+        if not (
+            isinstance(r, dict)
+            and all(isinstance(r.get(k), (int, float)) for k in ("epoch", "seconds"))
+            and all(isinstance(r.get(k, 0), (int, float, type(None))) for k in ("train_loss", "test_loss"))
+        ):
+            raise VaekitError(f"{path} has lines without numeric epoch and seconds, or with non-numeric losses")
+    return rows
+
+
+class Run:
+    """A run directory: its configuration, model (loaded when first used), metrics, data and artifacts by name.
+
+    `vaekit.train` returns one with the model and data it trained in memory; `open_run(path)` opens one from disk.
+    """
+
+    def __init__(
+        self,
+        dir: str | Path,
+        config: Config | None = None,
+        model: VAE | None = None,
+        data: Dataset | None = None,
+        metrics: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.dir = Path(dir)
+        self._config, self._model, self._data, self._metrics = config, model, data, metrics
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r})"
+
+    def path(self, name: str, split: str = "test", first: int | None = None) -> Path:
+        """Where the artifact called name lives (see ARTIFACTS)."""
+        if name not in ARTIFACTS:
+            raise KeyError(f"unknown run artifact '{name}' (known: {', '.join(ARTIFACTS)})")
+        return self.dir / ARTIFACTS[name].format(
+            split="" if split == "test" else f"-{split}", first="" if first is None else f"-first{first}"
+        )
+
+    def evaluation_path(self, split: str = "test", first: int | None = None) -> Path:
+        """Where evaluate writes its summary of a split, or of its first examples (the .npz of the same name holds
+        the per-example values)."""
+        return self.path("evaluation", split, first)
+
+    @property
+    def config(self) -> Config:
+        """The resolved configuration the run was trained with."""
+        if self._config is None:
+            self._config = load_config(self.dir)
+        return self._config
+
+    @property
+    def model(self) -> VAE:
+        """The trained model (on the CPU when loaded from disk)."""
+        if self._model is None:
+            self._model = load(self.dir)
+        return self._model
+
+    def model_on(self, device: torch.device) -> VAE:
+        """The trained model on device, in evaluation mode (a copy when it lives on another one)."""
+        model = self.model
+        if model.device != device:
+            model = copy.deepcopy(model).to(device)
+        return model.eval()
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The per-epoch metrics (an empty list if there are none yet)."""
+        return self._metrics if self._metrics is not None else read_metrics(self.dir)
+
+    @property
+    def data(self) -> Dataset:
+        """The data set the run was trained on, loaded as its configuration names it."""
+        if self._data is None:
+            self._data = load_data(self.config.data)
+        return self._data
+
+    def examples(self, split: str = "test", limit: int | None = None) -> Split:
+        """A split of the run's data (its first limit examples, in stored order), checked against the model's shape."""
+        s = self.data.split(split)
+        self.check_shape(s.x, f"the data '{self.config.data.name}' now has examples")
+        return s if limit is None else Split(s.x[:limit], None if s.y is None else s.y[:limit])
+
+    def check_shape(self, x: torch.Tensor, what: str = "the examples are") -> None:
+        """Refuse examples of another shape than the model was trained on."""
+        if tuple(x.shape[1:]) != self.model.shape:
+            raise VaekitError(f"{what} of shape {tuple(x.shape[1:])}, but the model was trained on {self.model.shape}")
+
+
+def open_run(run: Run | str | Path) -> Run:
+    """The run at a path (or run itself, if it is already a Run); nothing is read until it is needed."""
+    return run if isinstance(run, Run) else Run(run)
