@@ -17,7 +17,7 @@ import vaekit
 from vaekit.cli import main
 from vaekit.config import ModelConfig
 from vaekit.likelihoods import Bernoulli
-from vaekit.model import VAE
+from vaekit.model import VAE, log_weights
 from vaekit.uses.evaluation import estimate
 
 D, L, SIGMA = 5, 2, 0.5  # the linear-Gaussian model: x = W z + b + SIGMA * noise, z ~ N(0, I_L)
@@ -157,6 +157,39 @@ def test_bernoulli_estimate_in_float32_matches_integration():
     exact = grid_log_px(tiny_bernoulli(), ALL_BINARY)
     result = estimate(model32, ALL_BINARY.float(), k=20000, seed=0, progress=False)
     assert (result.log_px - exact).abs().max() < 0.05
+
+
+def test_log_likelihood_is_the_integrated_log_px_and_what_estimate_reports():
+    """vaekit.log_likelihood, the core without diagnostics, gives the integrated log p(x) of all 64 binary images, and
+    with one block of examples exactly the values estimate reports for the same seed (float64, on the CPU)."""
+    model = tiny_bernoulli()
+    exact = grid_log_px(model, ALL_BINARY)
+    one_block = 64 * 20000 * 6
+    log_px = vaekit.log_likelihood(model, ALL_BINARY, k=20000, seed=0, max_elements=one_block)
+    assert log_px.shape == (64,) and log_px.dtype == f64 and log_px.device.type == "cpu"
+    assert (log_px - exact).abs().max() < 0.05
+    assert abs(log_px.exp().sum().item() - 1) < 0.01
+    assert torch.equal(log_px, estimate(model, ALL_BINARY, 20000, 0, one_block, progress=False).log_px)
+    with pytest.raises(vaekit.VaekitError, match="k must be"):
+        vaekit.log_likelihood(model, ALL_BINARY, k=0)
+
+
+def test_log_weights_are_the_importance_weights_of_the_draws():
+    """log_weights gives log p(x|z) + log p(z) - log q(z|x) at the reparameterised draws z = mean + sd * eps that its
+    generator makes, (k, B); analytic=True replaces the latent terms by the closed-form KL and beta scales them."""
+    model, x, k = tiny_bernoulli(), ALL_BINARY[:5], 7
+    w = log_weights(model, x, k, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mean, logvar = model.encode(x)
+        sd = (0.5 * logvar).exp()
+        z = mean + sd * torch.randn((k, *mean.shape), generator=torch.Generator().manual_seed(4), dtype=f64)
+        log_px_z = TorchBernoulli(logits=model.decoder(z)).log_prob(x).sum(-1)
+        expected = log_px_z + Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(mean, sd).log_prob(z).sum(-1)
+        kl = kl_divergence(Normal(mean, sd), Normal(0.0, 1.0)).sum(-1)
+    assert w.shape == (k, 5)
+    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+    analytic = log_weights(model, x, k, analytic=True, beta=0.5, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(analytic, log_px_z - 0.5 * kl, rtol=1e-12, atol=1e-12)
 
 
 def test_non_binary_data_has_no_bits_per_dim():
@@ -334,6 +367,43 @@ def test_cli_evaluate_no_save_writes_nothing(pristine_run, tmp_path, capsys):
     assert not list(run.glob("evaluation*"))
 
 
+def test_cli_evaluate_help_explains_limit(capsys):
+    """`evaluate --help` documents --limit: which examples, and where they are saved."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--limit N evaluate only the first N examples of the split, in stored order" in text
+    assert "evaluation-firstN" in text
+
+
+def test_cli_evaluate_limit_scores_the_first_examples_of_the_split(pristine_run, digits, tmp_path, capsys):
+    """--limit N evaluates the split's first N examples in their stored order, into a file of its own. With one
+    example per block the draws of an example do not depend on the later ones, so its values are exactly the first N
+    of the whole split's evaluation; a limit beyond the split is the whole split."""
+    run = copy_run(pristine_run, tmp_path)
+    one_per_block = ["--k", "20", "--max-elements", str(20 * 64)]
+    assert main(["evaluate", str(run), *one_per_block]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *one_per_block, "--limit", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "first 7 of test (7 examples)" in out and str(run / "evaluation-first7.json") in out
+    whole, first = (json.loads((run / name).read_text()) for name in ("evaluation.json", "evaluation-first7.json"))
+    assert first["examples"] == 7 and first["first"] == 7 and "first" not in whole
+    with np.load(run / "evaluation.npz") as a, np.load(run / "evaluation-first7.npz") as b:
+        for key in ("nll", "neg_elbo"):
+            assert np.array_equal(a[key][:7], b[key]) and not np.array_equal(a[key][1:8], b[key])
+    n_test = len(digits.split("test").x)
+    result, summary = vaekit.evaluate(run, k=20, limit=n_test + 5, max_elements=20 * 64, progress=False)
+    assert summary["examples"] == n_test and "first" not in summary
+    assert json.loads((run / "evaluation.json").read_text())["nll"] == whole["nll"] == summary["nll"]
+    assert sorted(p.name for p in run.glob("evaluation*")) == [
+        "evaluation-first7.json",
+        "evaluation-first7.npz",
+        "evaluation.json",
+        "evaluation.npz",
+    ]
+
+
 BAD = {
     "k zero": ["--k", "0"],
     "k negative": ["--k", "-5"],
@@ -343,6 +413,7 @@ BAD = {
     "negative seed": ["--seed", "-1"],
     "garbage weights": ["--k", "2"],
     "max elements zero": ["--max-elements", "0"],
+    "limit zero": ["--limit", "0"],
 }
 
 

@@ -11,9 +11,10 @@ from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import Normal, kl_divergence
 
 import vaekit
+from vaekit import likelihoods
 from vaekit.cli import main
 from vaekit.config import PRESETS, ModelConfig, make_config
-from vaekit.likelihoods import Bernoulli, Gaussian, LogisticMixture
+from vaekit.likelihoods import Bernoulli, DiscreteLikelihood, Gaussian, Likelihood, LogisticMixture
 from vaekit.model import VAE, objective
 from vaekit.optim import burda_schedule
 
@@ -243,6 +244,33 @@ def test_discrete_tells_8_bit_and_binary_data_from_floats():
 
 
 # ---------------------------------------------------------------- convolutional nets
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "logistic-mixture"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_discrete_likelihoods_give_every_value_its_probability(name, grad):
+    """value_log_probs gives, per dimension, a distribution over the levels whose entries at the data's values sum to
+    log_prob: what an entropy coder needs, consistent with the likelihood the model is trained on."""
+    shape = (2, 3, 2)
+    lik = likelihoods.build(shape, ModelConfig(likelihood=name, mixtures=3))
+    assert isinstance(lik, Likelihood) and isinstance(lik, DiscreteLikelihood)
+    g = torch.Generator().manual_seed(0)
+    params = 2 * torch.randn(4, 5, *lik.params_shape(), generator=g, dtype=f64)
+    with torch.set_grad_enabled(grad):
+        table = lik.value_log_probs(params)
+        levels = torch.randint(0, lik.levels, (5, *shape), generator=g)
+        log_p = lik.log_prob(levels.double() / (lik.levels - 1), params)
+    assert table.shape == (4, 5, *shape, lik.levels)
+    torch.testing.assert_close(table.exp().sum(-1), torch.ones(4, 5, *shape, dtype=f64), rtol=0, atol=1e-6)
+    picked = table.gather(-1, levels.expand(4, *levels.shape).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(picked.flatten(2).sum(-1), log_p, rtol=1e-9, atol=1e-9)
+
+
+def test_a_density_is_a_likelihood_but_not_a_discrete_one():
+    """The Gaussian satisfies the likelihood protocol but offers no per-value probabilities."""
+    lik = likelihoods.build((3,), ModelConfig(likelihood="gaussian"))
+    assert isinstance(lik, Likelihood) and not isinstance(lik, DiscreteLikelihood)
+    assert lik.support is None and Bernoulli((3,), ModelConfig()).support is not None
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "logistic-mixture"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ SPLIT = arg("--split", default="test", help="train, test or valid (where there i
 RESUME = "continue a stopped run from its newest checkpoint (or from a file in RUN/checkpoints); --epochs may change"
 SET = "any other setting, e.g. --set model.net=conv or --set 'train.optimizer_args={eps=1e-4}' (repeatable)"
 DATA = "digits, mnist, fashion-mnist, kmnist, binarized-mnist, a .npy/.npz file or an image folder"
-LIMIT = "only the first N examples of the split, in stored order (as encode writes them), saved under their own name"
+LIMIT = "evaluate only the first N examples of the split, in stored order (as encode writes them): evaluation-firstN"
 ELEMENTS = "the most decoder outputs computed at once (default: 2**20 on a CPU, 2**26 on a GPU); lower it on OOM"
 DATA_DIR = "where downloadable data sets live (default: $VAEKIT_DATA or ~/.cache/vaekit)"
 ENCODE_OUT = ".npy (N, 2, latent) of means and log-variances, or .npz with mean/logvar/label (default: RUN/latents.npy)"
@@ -144,7 +145,7 @@ def _train(a: argparse.Namespace) -> None:
 @command(
     ("vaekit evaluate runs/seed-20260101-120000 --k 5000", "vaekit evaluate runs/seed-20260101-120000 --limit 500"),
     SPLIT,
-    arg("--k", type=int, default=5000, help="importance samples per example (5000 in likelihood papers)"),
+    arg("--k", type=int, default=5000, help="importance samples per example; likelihood papers use 5000"),
     arg("--seed", type=int, default=0, help="random seed of the posterior draws"),
     arg("--limit", type=int, metavar="N", help=LIMIT),
     arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
@@ -249,7 +250,7 @@ def _build() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for c in COMMANDS.values():
-        doc = (c.run.__doc__ or "").strip()
+        doc = inspect.cleandoc(c.run.__doc__ or "")
         summary = doc.splitlines()[0]
         epilog = "examples:\n  " + "\n  ".join(c.examples)
         short = summary[0].lower() + summary[1:].rstrip(".")

@@ -18,6 +18,7 @@ from ..errors import VaekitError
 from ..files import check_writable, save_array, write_text
 from ..importance import accumulation_dtype, blocks, check_arguments
 from ..model import VAE
+from ..optim import pick_device
 from ..run import Run, open_run
 
 ACTIVE = 0.01  # a unit is active when its posterior mean varies more than this over the data (Burda et al. 2015)
@@ -132,8 +133,6 @@ def evaluate(
     the summary goes to the run's evaluation file (`Run.evaluation_path`) and the per-example values to the .npz of
     the same name.
     """
-    from ..training import pick_device
-
     check_arguments(k, seed, max_elements)
     if limit is not None and limit < 1:
         raise VaekitError(f"the limit must be at least 1 example, got {limit}")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import VaekitError
+from ..figures import image_panels
 from ..files import check_writable, require_images, save_array, save_grid
 from ..model import VAE
 from ..run import Run, open_run
@@ -66,8 +67,6 @@ def reconstruct(
     x = run.examples(split, n).x
     recon = model.decode(model.encode(x)[0])
     if out is not None:
-        from ..plots import image_panels
-
         require_images(model.shape)
         image_panels([("originals", x), ("reconstructions", recon)], out, nrow=8)
     return x, recon

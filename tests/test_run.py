@@ -1,0 +1,109 @@
+"""The run object and the public API: a run's files are named in one place, opening a run reads only what is used,
+and the names that editors and type checkers see are the names `import vaekit` gives.
+"""
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vaekit
+from vaekit.cli import main
+from vaekit.run import ARTIFACTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run_with_validation(tmp_path_factory: pytest.TempPathFactory) -> vaekit.Run:
+    """A digits run of 2 epochs with a validation split, so that it also holds a best/ model."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    return vaekit.train("digits", out, epochs=2, verbose=False, **{"data.validation": 100})
+
+
+def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with_validation, capsys):
+    """Training, then every command with its default outputs, writes only files that the run's artifact table
+    names, and every named file it was asked for exists."""
+    run = run_with_validation
+    commands = [
+        ["evaluate", "--k", "2"],
+        ["evaluate", "--k", "2", "--split", "valid"],
+        ["evaluate", "--k", "2", "--limit", "5"],
+        ["sample", "-n", "4"],
+        ["reconstruct", "-n", "4"],
+        ["encode"],
+        ["decode", str(run.path("latents"))],
+        ["plot"],
+    ]
+    for command in commands:
+        assert main([command[0], str(run.dir), *command[1:]]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    evaluations = [run.evaluation_path(), run.evaluation_path("valid"), run.evaluation_path("test", 5)]
+    named = {run.path(name) for name in ARTIFACTS if "{" not in ARTIFACTS[name]}
+    named |= set(evaluations) | {p.with_suffix(".npz") for p in evaluations}
+    written = {p for p in run.dir.rglob("*") if p.is_file()}
+    inside = {run.path("checkpoints"), run.path("best")}
+    unnamed = sorted(p for p in written - named if not any(folder in p.parents for folder in inside))
+    assert not unnamed, f"files not named in ARTIFACTS: {unnamed}"
+    files = named - {run.path(name) for name in ("checkpoints", "best", "plots")}
+    assert not sorted(files - written), "named files that were not written"
+    assert [p.name for p in evaluations] == ["evaluation.json", "evaluation-valid.json", "evaluation-first5.json"]
+
+
+def test_open_run_reads_config_model_metrics_and_data_from_disk(run_with_validation):
+    """A run opened from its path holds the same settings, weights, metrics and data as the one training returned."""
+    trained = run_with_validation
+    run = vaekit.open_run(trained.dir)
+    assert vaekit.open_run(run) is run
+    assert run.config == trained.config and run.config.data.validation == 100
+    assert run.metrics == trained.metrics and len(run.metrics) == 2
+    assert run.metrics == vaekit.read_metrics(trained.dir)
+    state = trained.model.cpu().state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in run.model.state_dict().items())
+    assert run.model.device.type == "cpu" and not run.model_on(torch.device("cpu")).training
+    first = run.examples("valid", 5)
+    assert torch.equal(first.x, trained.data.split("valid").x[:5])
+    assert first.y is not None and torch.equal(first.y, trained.data.split("valid").y[:5])
+    assert len(run.examples("test").x) == len(trained.data.split("test").x)
+
+
+def test_a_run_refuses_examples_of_another_shape_and_names_what_is_unknown(run_with_validation, tmp_path):
+    """Examples of another shape, an unknown split or artifact, and a folder that is not a run are refused by name;
+    opening a path reads nothing until something is asked of it."""
+    run = vaekit.open_run(run_with_validation.dir)
+    with pytest.raises(vaekit.VaekitError, match=r"shape \(1, 9, 9\), but the model was trained on \(1, 8, 8\)"):
+        run.check_shape(torch.zeros(3, 1, 9, 9))
+    run.check_shape(torch.zeros(3, 1, 8, 8))
+    with pytest.raises(vaekit.VaekitError, match="no split 'nope'"):
+        run.examples("nope")
+    with pytest.raises(KeyError, match="unknown run artifact 'nope'"):
+        run.path("nope")
+    missing = vaekit.open_run(tmp_path / "nowhere")
+    assert missing.path("weights") == tmp_path / "nowhere" / "model.safetensors"
+    with pytest.raises(vaekit.VaekitError, match="is not a vaekit run"):
+        _ = missing.config
+    with pytest.raises(vaekit.VaekitError, match="run directory not found"):
+        _ = missing.model
+
+
+def test_the_names_type_checkers_see_are_the_names_import_vaekit_gives():
+    """The imports under TYPE_CHECKING in vaekit/__init__.py name exactly the lazily exported names, from the same
+    modules, and each resolves to that module's object."""
+    tree = ast.parse(Path(vaekit.__file__).read_text(encoding="utf-8"))
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    seen = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert seen == vaekit._WHERE
+    assert sorted(vaekit.__all__) == sorted(seen)
+    for name, module in seen.items():
+        assert getattr(vaekit, name) is getattr(importlib.import_module(f"vaekit.{module}"), name), name
+
+
+def test_import_vaekit_does_not_load_torch():
+    """`import vaekit` stays fast: torch is imported only when a name that needs it is used."""
+    check = "import sys, vaekit; print('torch' in sys.modules); vaekit.VAE; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
