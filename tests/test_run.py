@@ -62,8 +62,8 @@ def test_open_run_reads_config_model_metrics_and_data_from_disk(run_with_validat
     assert run.config == trained.config and run.config.data.validation == 100
     assert run.metrics == trained.metrics and len(run.metrics) == 2
     assert run.metrics == vaekit.read_metrics(trained.dir)
-    state = trained.model.cpu().state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in run.model.state_dict().items())
+    state = trained.model.state_dict()
+    assert all(torch.equal(v, state[k].cpu()) for k, v in run.model.state_dict().items())
     assert run.model.device.type == "cpu" and not run.model_on(torch.device("cpu")).training
     first = run.examples("valid", 5)
     assert torch.equal(first.x, trained.data.split("valid").x[:5])
@@ -72,32 +72,49 @@ def test_open_run_reads_config_model_metrics_and_data_from_disk(run_with_validat
 
 
 def test_a_run_refuses_examples_of_another_shape_and_names_what_is_unknown(run_with_validation, tmp_path):
-    """Examples of another shape, an unknown split or artifact, and a folder that is not a run are refused by name;
-    opening a path reads nothing until something is asked of it."""
+    """Examples of another shape, an unknown split or artifact, a limit below 1, a missing folder and a folder that
+    is not a run are refused by name; opening a folder reads nothing until something is asked of it."""
     run = vaekit.open_run(run_with_validation.dir)
     with pytest.raises(vaekit.VaekitError, match=r"shape \(1, 9, 9\), but the model was trained on \(1, 8, 8\)"):
         run.check_shape(torch.zeros(3, 1, 9, 9))
     run.check_shape(torch.zeros(3, 1, 8, 8))
     with pytest.raises(vaekit.VaekitError, match="no split 'nope'"):
         run.examples("nope")
+    with pytest.raises(vaekit.VaekitError, match="at least 1"):
+        run.examples("test", 0)
     with pytest.raises(KeyError, match="unknown run artifact 'nope'"):
         run.path("nope")
-    missing = vaekit.open_run(tmp_path / "nowhere")
-    assert missing.path("weights") == tmp_path / "nowhere" / "model.safetensors"
-    with pytest.raises(vaekit.VaekitError, match="is not a vaekit run"):
-        _ = missing.config
     with pytest.raises(vaekit.VaekitError, match="run directory not found"):
-        _ = missing.model
+        vaekit.open_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    empty = vaekit.open_run(tmp_path / "empty")
+    assert empty.path("weights") == tmp_path / "empty" / "model.safetensors"
+    with pytest.raises(vaekit.VaekitError, match="is not a vaekit run: config.toml is missing"):
+        _ = empty.config
+    with pytest.raises(vaekit.VaekitError, match="is not a vaekit run: model.json is missing"):
+        _ = empty.model
+
+
+def test_resume_takes_a_run_and_keeps_its_data_in_memory(digits, tmp_path):
+    """A Run that training returned resumes with the data it holds (here a subset given in memory, which its config
+    does not name), and ends exactly where one longer run ends."""
+    small = vaekit.Dataset("digits", {k: vaekit.Split(s.x[:200], s.y) for k, s in digits.splits.items()})
+    short = vaekit.train("digits", tmp_path / "short", dataset=small, epochs=1, verbose=False)
+    longer = vaekit.resume(short, epochs=2, verbose=False)
+    whole = vaekit.train("digits", tmp_path / "whole", dataset=small, epochs=2, verbose=False)
+    assert longer.dir == short.dir and len(longer.metrics) == 2
+    assert (longer.dir / "model.safetensors").read_bytes() == (whole.dir / "model.safetensors").read_bytes()
 
 
 def test_the_names_type_checkers_see_are_the_names_import_vaekit_gives():
-    """The imports under TYPE_CHECKING in vaekit/__init__.py name exactly the lazily exported names, from the same
-    modules, and each resolves to that module's object."""
+    """The imports under TYPE_CHECKING in vaekit/__init__.py and its literal __all__ name exactly the lazily exported
+    names, from the same modules, and each resolves to that module's object."""
     tree = ast.parse(Path(vaekit.__file__).read_text(encoding="utf-8"))
     block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
     seen = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
     assert seen == vaekit._WHERE
-    assert sorted(vaekit.__all__) == sorted(seen)
+    listed = next(n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__all__")
+    assert isinstance(listed, ast.List) and sorted(ast.literal_eval(listed)) == sorted(seen) == sorted(vaekit.__all__)
     for name, module in seen.items():
         assert getattr(vaekit, name) is getattr(importlib.import_module(f"vaekit.{module}"), name), name
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # Names are imported on first use, so that `vaekit --help` and `import vaekit` do not wait for torch. The block under
-# TYPE_CHECKING names the same things for editors, type checkers and help(vaekit); a test keeps the two in step.
+# TYPE_CHECKING and __all__ name the same things for editors, type checkers and help(vaekit); a test keeps the three
+# in step.
 _EXPORTS = {
     "config": ["PRESETS", "Config", "DataConfig", "ModelConfig", "TrainConfig", "make_config"],
     "data": ["Dataset", "Split", "load_data"],
@@ -39,7 +40,43 @@ if TYPE_CHECKING:
     from .uses.generation import decode, encode, interpolate, manifold, reconstruct, sample
 
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
+__all__ = [
+    "Config",
+    "DataConfig",
+    "Dataset",
+    "decode",
+    "DiscreteLikelihood",
+    "encode",
+    "estimate",
+    "evaluate",
+    "Evaluation",
+    "interpolate",
+    "Interrupted",
+    "Likelihood",
+    "load",
+    "load_config",
+    "load_data",
+    "log_likelihood",
+    "log_weights",
+    "make_config",
+    "manifold",
+    "ModelConfig",
+    "objective",
+    "open_run",
+    "pick_device",
+    "plot",
+    "PRESETS",
+    "read_metrics",
+    "reconstruct",
+    "resume",
+    "Run",
+    "sample",
+    "Split",
+    "train",
+    "TrainConfig",
+    "VAE",
+    "VaekitError",
+]
 
 
 def __getattr__(name: str) -> Any:

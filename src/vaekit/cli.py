@@ -33,10 +33,6 @@ def _int_list(text: str) -> list[int]:
     return sizes
 
 
-def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
-
-
 Arg = tuple[tuple[str, ...], dict[str, Any]]
 
 
@@ -71,8 +67,10 @@ def command(examples: tuple[str, ...], *arguments: Arg, takes_run: bool = True) 
 
 
 SPLIT = arg("--split", default="test", help="train, test or valid (where there is one)")
-RESUME = "continue a stopped run from its newest checkpoint (or from a file in RUN/checkpoints); --epochs may change"
+RESUME = "continue a stopped run from its newest checkpoint (or a file in RUN/checkpoints); only --epochs may change"
 SET = "any other setting, e.g. --set model.net=conv or --set 'train.optimizer_args={eps=1e-4}' (repeatable)"
+BINARIZE = "dynamic binarisation: training images are binarised anew each epoch"
+ACTIVATIONS = "relu, tanh, elu, gelu, silu, leaky_relu or softplus"
 DATA = "digits, mnist, fashion-mnist, kmnist, binarized-mnist, a .npy/.npz file or an image folder"
 LIMIT = "evaluate only the first N examples of the split, in stored order (as encode writes them): evaluation-firstN"
 ELEMENTS = "the most decoder outputs computed at once (default: 2**20 on a CPU, 2**26 on a GPU); lower it on OOM"
@@ -93,16 +91,16 @@ def out(default: str, npy: str = "") -> tuple[Arg, ...]:
     arg("--config", metavar="FILE", help="a TOML file with [data], [model], [train] tables"),
     # Flags whose dest is a dotted config key become overrides as they are.
     arg("--data", dest="data.name", metavar="DATA", help=DATA),
-    arg("--data-dir", dest="data.root", metavar="DIR", type=_absolute, help=DATA_DIR),
+    arg("--data-dir", dest="data.root", metavar="DIR", help=DATA_DIR),  # made absolute by train
     arg("--no-download", dest="data.download", action="store_const", const=False, help="never fetch data from the web"),
-    arg("--binarize", dest="data.binarize", action="store_const", const=True, help="dynamic binarisation of images"),
+    arg("--binarize", dest="data.binarize", action="store_const", const=True, help=BINARIZE),
     arg("--image-size", dest="data.image_size", type=int, metavar="N", help="resize folder images to N x N"),
     arg("--epochs", dest="train.epochs", type=int, metavar="N"),
     arg("--batch-size", dest="train.batch_size", type=int, metavar="N"),
     arg("--lr", dest="train.lr", type=float, metavar="LR", help="learning rate"),
     arg("--latent", dest="model.latent", type=int, metavar="N", help="latent dimensions"),
     arg("--hidden", dest="model.hidden", type=_int_list, metavar="N,N", help="hidden layer widths, e.g. 512,256"),
-    arg("--activation", dest="model.activation", metavar="NAME", help="relu, tanh, elu, gelu, silu, leaky_relu, ..."),
+    arg("--activation", dest="model.activation", metavar="NAME", help=ACTIVATIONS),
     arg("--objective", dest="train.objective", metavar="NAME", help="elbo (default) or iwae"),
     arg("--k", dest="train.k", type=int, metavar="N", help="posterior draws per example (default: 1)"),
     arg("--beta", dest="train.beta", type=float, metavar="B", help="KL weight (default: 1)"),
@@ -150,7 +148,7 @@ def _train(a: argparse.Namespace) -> None:
     arg("--limit", type=int, metavar="N", help=LIMIT),
     arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
     arg("--max-elements", type=int, metavar="N", help=ELEMENTS),
-    arg("--no-save", action="store_true", help="print only; do not write RUN/evaluation.json"),
+    arg("--no-save", action="store_true", help="print only; write no evaluation file"),
 )
 def _evaluate(a: argparse.Namespace) -> None:
     """Estimate log-likelihood (importance sampling), ELBO, bits/dim and active units."""

@@ -74,7 +74,7 @@ def blocks(
     per_draw = math.prod(model.likelihood.params_shape())
     chunk = max(1, min(k, cap // per_draw))
     batch = max(1, cap // (chunk * per_draw)) if chunk == k else 1
-    bar = tqdm(total=len(x), unit="img", desc=f"log-likelihood k={k}", disable=not progress or None, leave=False)
+    bar = tqdm(total=len(x), unit="img", desc=f"evaluate k={k}", disable=not progress or None, leave=False)
     for i in range(0, len(x), batch):
         xb = x[i : i + batch].to(device)
         log_px, elbo = _block(model, xb, k, chunk, generator, dtype)

@@ -176,7 +176,8 @@ class Run:
     def model_on(self, device: torch.device) -> VAE:
         """The trained model on device, in evaluation mode (a copy when it lives on another one)."""
         model = self.model
-        if model.device != device:
+        # torch.device("cuda") names the current GPU, which tensors report with its index: compare the two resolved.
+        if model.device != torch.empty(0, device=device).device:
             model = copy.deepcopy(model).to(device)
         return model.eval()
 
@@ -194,16 +195,30 @@ class Run:
 
     def examples(self, split: str = "test", limit: int | None = None) -> Split:
         """A split of the run's data (its first limit examples, in stored order), checked against the model's shape."""
+        if limit is not None and limit < 1:
+            raise VaekitError(f"the limit must be at least 1 example, got {limit}")
+        shape = self.model.shape  # a broken model is reported before the data are loaded
         s = self.data.split(split)
-        self.check_shape(s.x, f"the data '{self.config.data.name}' now has examples")
+        self.check_shape(s.x, f"the data '{self.config.data.name}' now has examples", shape)
         return s if limit is None else Split(s.x[:limit], None if s.y is None else s.y[:limit])
 
-    def check_shape(self, x: torch.Tensor, what: str = "the examples are") -> None:
-        """Refuse examples of another shape than the model was trained on."""
-        if tuple(x.shape[1:]) != self.model.shape:
-            raise VaekitError(f"{what} of shape {tuple(x.shape[1:])}, but the model was trained on {self.model.shape}")
+    def check_shape(
+        self, x: torch.Tensor, what: str = "the examples are", shape: tuple[int, ...] | None = None
+    ) -> None:
+        """Refuse examples of another shape than the model (whose example shape is shape) was trained on."""
+        shape = shape or self.model.shape
+        if tuple(x.shape[1:]) != shape:
+            raise VaekitError(f"{what} of shape {tuple(x.shape[1:])}, but the model was trained on {shape}")
+
+    def loaded_data(self) -> Dataset | None:
+        """The data set held in memory, if it has been loaded or was given (None otherwise)."""
+        return self._data
 
 
 def open_run(run: Run | str | Path) -> Run:
-    """The run at a path (or run itself, if it is already a Run); nothing is read until it is needed."""
-    return run if isinstance(run, Run) else Run(run)
+    """The run in a directory (or run itself, if it is already a Run); its files are read when first needed."""
+    if isinstance(run, Run):
+        return run
+    if not Path(run).is_dir():
+        raise VaekitError(f"run directory not found: {run}")
+    return Run(run)

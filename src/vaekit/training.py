@@ -142,6 +142,8 @@ def resume(
     run: Run | str | Path, *, epochs: int | None = None, dataset: Dataset | None = None, verbose: bool = True
 ) -> Run:
     """Continue a run from its newest checkpoint (or from a checkpoint file), exactly as if it had never stopped."""
+    if isinstance(run, Run):
+        dataset = dataset if dataset is not None else run.loaded_data()
     given = run.dir if isinstance(run, Run) else Path(run)
     checkpoints = ARTIFACTS["checkpoints"]
     path = given if given.is_file() else None
@@ -187,6 +189,8 @@ class _State:
     shuffle: torch.Generator
     progress: Progress
     identity: dict[str, Any]
+    x_train: torch.Tensor  # the training examples, on the device
+    held_out: dict[str, torch.Tensor]  # the valid and test examples there are, on the device
 
 
 def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
@@ -194,6 +198,9 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
     t, device = cfg.train, pick_device(cfg.train.device)
     if t.patience and "valid" not in data.splits:
         raise VaekitError("train.patience needs a validation split: hold one out with --set data.validation=N")
+    # On the device before anything is written: data too large for it must not leave an empty run directory.
+    x_train = data.split("train").x.to(device)
+    held_out: dict[str, torch.Tensor] = {n: data.split(n).x.to(device) for n in ("valid", "test") if n in data.splits}
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
@@ -202,17 +209,13 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
     if start is not None:
         steps = (len(data.split("train").x) + t.batch_size - 1) // t.batch_size
         p = load_checkpoint(start, model, optimizer, scheduler, shuffle, identity, steps)
-    return _State(model, optimizer, scheduler, shuffle, p, identity)
+    return _State(model, optimizer, scheduler, shuffle, p, identity, x_train, held_out)
 
 
 def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     """Train run's model from where s.progress stands to the last epoch: the training loop."""
     cfg, t, p, model, device = run.config, run.config.train, s.progress, s.model, s.model.device
-    x_train = run.data.split("train").x.to(device)
-    held_out: dict[str, torch.Tensor] = {
-        name: run.data.splits[name].x.to(device) for name in ("valid", "test") if name in run.data.splits
-    }
-    n, bs = len(x_train), t.batch_size
+    x_train, n, bs = s.x_train, len(s.x_train), t.batch_size
     steps = (n + bs - 1) // bs
     # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
     run.path("checkpoints").mkdir(exist_ok=True)
@@ -228,11 +231,11 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     with _Signals(run.dir, p) as signals:
         while p.epoch < t.epochs and not p.stopped:
             began = time.perf_counter() - p.seconds
+            if p.step == 0:
+                p.order = torch.randperm(n, device=device, generator=s.shuffle)
+                p.total, p.used, p.skipped = torch.zeros((), device=device), 0, 0
             order, total = p.order, p.total
-            if p.step == 0 or order is None or total is None:  # a new epoch
-                order = p.order = torch.randperm(n, device=device, generator=s.shuffle)
-                total = p.total = torch.zeros((), device=device)
-                p.used, p.skipped = 0, 0
+            assert order is not None and total is not None  # drawn above, or restored from a mid-epoch checkpoint
             model.train()
             bar = tqdm(range(p.step, steps), desc=f"epoch {p.epoch + 1}/{t.epochs}", initial=p.step, total=steps,
                        leave=False, disable=not verbose or None)  # fmt: skip
@@ -265,7 +268,7 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
             lr = s.optimizer.param_groups[0]["lr"]
             if s.scheduler is not None:
                 s.scheduler.step()
-            _end_epoch(run, p, held_out, lr, time.perf_counter() - began)
+            _end_epoch(run, p, s.held_out, lr, time.perf_counter() - began)
             # Last, so that every file it stands for is already written. None in a streak of skipped steps, unless it
             # must record that the run has ended.
             if signals.received or not p.bad or p.epoch >= t.epochs or p.stopped:

@@ -137,14 +137,16 @@ def evaluate(
     if limit is not None and limit < 1:
         raise VaekitError(f"the limit must be at least 1 example, got {limit}")
     run = open_run(run)
+    if save:  # before the data are loaded, which can take a while: both files a limit may lead to
+        paths = {run.evaluation_path(split), run.evaluation_path(split, limit)}
+        check_writable(*paths, *(p.with_suffix(".npz") for p in paths))
+    on = pick_device(device)
     x = run.examples(split).x
     # A limit at or above the split's size is the whole split, saved as such.
     first = limit if limit is not None and limit < len(x) else None
     x = x[:first]
     path = run.evaluation_path(split, first)
-    if save:
-        check_writable(path, path.with_suffix(".npz"))
-    model = run.model_on(pick_device(device))
+    model = run.model_on(on)
     result = estimate(model, x, k, seed, max_elements, progress)
     likelihood = run.config.model.likelihood
     summary = {"split": split, **({} if first is None else {"first": first}), "likelihood": likelihood}

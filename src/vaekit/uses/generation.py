@@ -26,6 +26,15 @@ def _seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _written(images: torch.Tensor, out: str | Path | None, npy: str | Path | None) -> torch.Tensor:
+    """Write images as a PNG grid to out and as an array to npy, where given; return them."""
+    if out is not None:
+        save_grid(images, out)
+    if npy is not None:
+        save_array(npy, images)
+    return images
+
+
 @torch.no_grad()
 def encode_all(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and log-variances for every example, computed in batches."""
@@ -48,11 +57,7 @@ def sample(
     generator = _seed(seed)
     check_writable(out, npy)
     images = open_run(run).model_on(torch.device("cpu")).sample(n, generator)
-    if out is not None:
-        save_grid(images, out)
-    if npy is not None:
-        save_array(npy, images)
-    return images
+    return _written(images, out, npy)
 
 
 @torch.no_grad()
@@ -124,11 +129,7 @@ def decode(
     model = open_run(run).model_on(torch.device("cpu"))
     z = latents if isinstance(latents, torch.Tensor) else read_latents(latents, model.latent)
     images = model.decode(z)
-    if out is not None:
-        save_grid(images, out)
-    if npy is not None:
-        save_array(npy, images)
-    return images
+    return _written(images, out, npy)
 
 
 @torch.no_grad()
