@@ -27,7 +27,7 @@ def run_with_validation(tmp_path_factory: pytest.TempPathFactory) -> vaekit.Run:
 
 def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with_validation, capsys):
     """Training, then every command with its default outputs, writes only files that the run's artifact table
-    names, and every named file it was asked for exists."""
+    names, and every named file it was asked for exists (scaler.json only belongs to runs on tables)."""
     run = run_with_validation
     commands = [
         ["evaluate", "--k", "2"],
@@ -38,18 +38,21 @@ def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with
         ["encode"],
         ["decode", str(run.path("latents"))],
         ["plot"],
+        ["anomaly", "calibrate", "--k", "2"],
+        ["anomaly", "report", "--normal", "0,1,2,3,4", "--k", "2"],
     ]
     for command in commands:
-        assert main([command[0], str(run.dir), *command[1:]]) == 0, capsys.readouterr().err
+        words = 2 if command[0] == "anomaly" else 1
+        assert main([*command[:words], str(run.dir), *command[words:]]) == 0, capsys.readouterr().err
     capsys.readouterr()
     evaluations = [run.evaluation_path(), run.evaluation_path("valid"), run.evaluation_path("test", 5)]
     named = {run.path(name) for name in ARTIFACTS if "{" not in ARTIFACTS[name]}
     named |= set(evaluations) | {p.with_suffix(".npz") for p in evaluations}
     written = {p for p in run.dir.rglob("*") if p.is_file()}
-    inside = {run.path("checkpoints"), run.path("best")}
+    inside = {run.path("checkpoints"), run.path("best"), run.path("anomaly-report")}  # folders of their own
     unnamed = sorted(p for p in written - named if not any(folder in p.parents for folder in inside))
     assert not unnamed, f"files not named in ARTIFACTS: {unnamed}"
-    files = named - {run.path(name) for name in ("checkpoints", "best", "plots")}
+    files = named - {run.path(name) for name in ("checkpoints", "best", "plots", "anomaly-report", "scaler")}
     assert not sorted(files - written), "named files that were not written"
     assert [p.name for p in evaluations] == ["evaluation.json", "evaluation-valid.json", "evaluation-first5.json"]
 

@@ -33,6 +33,9 @@ class DataConfig:
     channels: int = 0  # image folders: 1 (grey) or 3 (RGB); 0 picks 3 if any image has colour
     test_fraction: float = 0.2  # held-out fraction for sources that come without a test split
     validation: int = 0  # training examples held out (a fixed random choice) as the 'valid' split
+    classes: list[int] = field(default_factory=list)  # train only on these labels (one-class); [] means all
+    label_column: str = ""  # tables: the CSV column holding labels, which is not a feature
+    one_hot: bool = False  # tables: one-hot encode text columns instead of refusing them
 
 
 @dataclass
@@ -259,7 +262,12 @@ def make_config(
     cfg = preset(_coerce("preset", name, ""))
     _merge(cfg, from_file)
     cfg.preset = name
-    return override(cfg, overrides)
+    cfg = override(cfg, overrides)
+    # Tables are standardised, so they take a Gaussian with a learned deviation unless a likelihood was chosen.
+    chosen = [PRESETS[name].get("model", {}), from_file.get("model", {}), {_dotted(k) for k in overrides or {}}]
+    if cfg.data.name.lower().endswith(".csv") and not any("likelihood" in c or "model.likelihood" in c for c in chosen):
+        cfg.model.likelihood = "gaussian"
+    return cfg
 
 
 # Layer widths, latent sizes and batch sizes beyond this cannot be allocated on any current machine.
@@ -307,6 +315,7 @@ def validate(cfg: Config) -> None:
         ("data.image_size", 1 <= cfg.data.image_size <= 4096, "an integer from 1 to 4096"),
         ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),
         ("data.test_fraction", 0 < cfg.data.test_fraction < 1, "a number between 0 and 1"),
+        ("data.classes", all(c >= 0 for c in cfg.data.classes), "a list of labels >= 0 ([] for all)"),
     ]
     for key, ok, allowed in checks:
         if not ok:

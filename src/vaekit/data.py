@@ -1,4 +1,7 @@
-"""Data sources, each loaded once into memory as float tensors in [0, 1] with optional integer labels."""
+"""Data sources, each loaded once into memory as float tensors with optional integer labels.
+
+Images and arrays lie in [0, 1]; tables (CSV) are standardised with statistics of their training split.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +16,27 @@ import torch
 
 from .config import DataConfig
 from .errors import VaekitError
+from .images import read_folder
+from .tables import Scaler, read_csv
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 
 
 @dataclass
 class Split:
-    """One split of a data set: inputs x of shape (N, C, H, W) or (N, D), and labels y of shape (N,) if known."""
+    """One split of a data set: inputs x of shape (N, C, H, W) or (N, D), labels y of shape (N,) if known, and for
+    image folders the file each example came from."""
 
     x: torch.Tensor
     y: torch.Tensor | None = None
+    names: list[str] | None = None
+
+    def take(self, index: torch.Tensor | slice) -> Split:
+        """The examples at index (a tensor of positions, or a slice), with their labels and names."""
+        names = self.names
+        if names is not None:
+            names = names[index] if isinstance(index, slice) else [names[i] for i in index.tolist()]
+        return Split(self.x[index], None if self.y is None else self.y[index], names)
 
 
 @dataclass
@@ -32,6 +45,8 @@ class Dataset:
 
     name: str
     splits: dict[str, Split]
+    scaler: Scaler | None = None  # tables: the standardisation computed on the training split
+    label_names: list[str] | None = None  # what each label number stands for, when the labels were text
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -58,7 +73,7 @@ def _digits(cfg: DataConfig, root: Path) -> dict[str, Split]:
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    return _split(x, torch.from_numpy(bunch.target).long(), cfg.test_fraction)
+    return _split(Split(x, torch.from_numpy(bunch.target).long()), cfg.test_fraction)
 
 
 def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Split]:
@@ -147,13 +162,12 @@ SOURCES = {
 def _partition(split: Split, n_out: int) -> tuple[Split, Split]:
     """A fixed random division of a split, the same on every machine: the rest, and n_out examples held out."""
     order = torch.randperm(len(split.x), generator=torch.Generator().manual_seed(0))
-    rest, out = order[n_out:], order[:n_out]
-    labels = (lambda idx: None) if split.y is None else (lambda idx: split.y[idx])
-    return Split(split.x[rest], labels(rest)), Split(split.x[out], labels(out))
+    return split.take(order[n_out:]), split.take(order[:n_out])
 
 
-def _split(x: torch.Tensor, y: torch.Tensor | None, test_fraction: float) -> dict[str, Split]:
+def _split(whole: Split, test_fraction: float) -> dict[str, Split]:
     """A fixed random train/test split."""
+    x = whole.x
     if len(x) < 2:
         raise VaekitError(f"only {len(x)} example: at least 2 are needed for a train and a test split")
     n_test = max(1, round(len(x) * test_fraction))
@@ -161,7 +175,7 @@ def _split(x: torch.Tensor, y: torch.Tensor | None, test_fraction: float) -> dic
         raise VaekitError(
             f"{len(x)} examples with test_fraction {test_fraction} leave none for training; lower data.test_fraction"
         )
-    train, test = _partition(Split(x, y), n_test)
+    train, test = _partition(whole, n_test)
     return {"train": train, "test": test}
 
 
@@ -193,7 +207,8 @@ def _labels(a: np.ndarray | None, n: int, what: str) -> torch.Tensor | None:
     return torch.from_numpy(a.astype(np.int64))
 
 
-def _arrays(cfg: DataConfig, path: Path) -> dict[str, Split]:
+def _arrays(path: Path) -> dict[str, Split]:
+    """The arrays of a .npy or .npz file: its x_train / x_test splits, or all its examples as the split 'all'."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -215,57 +230,11 @@ def _arrays(cfg: DataConfig, path: Path) -> dict[str, Split]:
     if key is None:
         raise VaekitError(f"{path} must hold an array 'x' (or x_train and x_test); found {', '.join(arrays) or 'none'}")
     x = _as_examples(_as_float(arrays[key], f"{path}:{key}"), f"{path}:{key}")
-    return _split(x, _labels(arrays.get("y"), len(x), f"{path}:y"), cfg.test_fraction)
+    return {"all": Split(x, _labels(arrays.get("y"), len(x), f"{path}:y"))}
 
 
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-
-
-def _pixels(im, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """One PIL image as a (channels, H, W) float tensor in [0, 1], resized."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    if im.mode.startswith("I") or im.mode == "F":
-        # 16-bit and float images would be clipped to 8 bits by convert(); scale them to [0, 1] first.
-        scale = 65535.0 if im.mode.startswith("I") else 1.0
-        grey = Image.fromarray(np.asarray(im, dtype=np.float32) / scale, mode="F").resize(
-            size, Image.Resampling.BILINEAR
-        )
-        return torch.from_numpy(np.array(grey, dtype=np.float32)).unsqueeze(0).repeat(channels, 1, 1)
-    return (
-        pil_to_tensor(im.convert("L" if channels == 1 else "RGB").resize(size, Image.Resampling.BILINEAR)).float() / 255
-    )
-
-
-def _image_folder(cfg: DataConfig, path: Path) -> dict[str, Split]:
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise VaekitError(f"no PNG or JPEG images found in {path}")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise VaekitError(f"cannot read image {f}: {e}") from None
-    channels = cfg.channels or (3 if any(im.mode not in GREY_MODES for im in images) else 1)
-    size = (cfg.image_size, cfg.image_size)
-    x = torch.stack([_pixels(im, channels, size) for im in images])
-    # Labels come from sub-folder names, as in torchvision's ImageFolder, when every image sits in one.
-    parents = [f.parent for f in files]
-    y = None
-    if all(p != path for p in parents):
-        classes = sorted({p.relative_to(path).parts[0] for p in parents})
-        y = torch.tensor([classes.index(f.relative_to(path).parts[0]) for f in files])
-    return _split(x, y, cfg.test_fraction)
-
-
-def _check(splits: dict[str, Split], name: str) -> None:
-    """Refuse data a VAE cannot learn from: empty, non-finite, or outside [0, 1]."""
+def _check(splits: dict[str, Split], name: str, unit_range: bool = True) -> None:
+    """Refuse data a VAE cannot learn from: empty, non-finite, or (unit_range) outside [0, 1]."""
     shape = None
     for split, s in splits.items():
         if len(s.x) == 0 or s.x[0].numel() == 0:
@@ -273,7 +242,7 @@ def _check(splits: dict[str, Split], name: str) -> None:
         if not torch.isfinite(s.x).all():
             raise VaekitError(f"data '{name}': split '{split}' contains NaN or infinite values")
         lo, hi = s.x.min().item(), s.x.max().item()
-        if lo < 0 or hi > 1:
+        if unit_range and (lo < 0 or hi > 1):
             raise VaekitError(
                 f"data '{name}': values must lie in [0, 1] (scale the data first), found [{lo:g}, {hi:g}]"
             )
@@ -294,30 +263,76 @@ def _hold_out(splits: dict[str, Split], n: int, name: str) -> dict[str, Split]:
     return {**splits, "train": train, "valid": valid}
 
 
+def _file(cfg: DataConfig) -> tuple[dict[str, Split], list[str] | None, list[str] | None]:
+    """The splits of a file or folder ('all' where it has none of its own), and a table's columns and label names."""
+    path = Path(cfg.name).expanduser()
+    if path.is_dir():
+        x, y, names, classes = read_folder(path, cfg.channels, cfg.image_size)
+        return {"all": Split(x, y, names)}, None, classes
+    if path.suffix == ".csv":
+        table = read_csv(path, cfg.label_column, cfg.one_hot)
+        return {"all": Split(table.x, table.y)}, table.columns, table.label_names
+    if path.suffix in (".npy", ".npz") and path.is_file():
+        return _arrays(path), None, None
+    if path.suffix in (".npy", ".npz"):
+        raise VaekitError(f"data file not found: {path}")
+    raise VaekitError(
+        f"unknown data '{cfg.name}': use one of {', '.join(SOURCES)}, a .npy/.npz/.csv file or an image folder"
+    )
+
+
+def _keep_classes(splits: dict[str, Split], classes: list[int], name: str) -> dict[str, Split]:
+    """The training split reduced to the examples of the given classes (the one-class setting); the others kept."""
+    train = splits["train"]
+    if train.y is None:
+        raise VaekitError(f"data.classes needs labels, and data '{name}' has none")
+    keep = torch.isin(train.y, torch.tensor(classes))
+    if not keep.any():
+        raise VaekitError(f"data '{name}' has no training examples of the classes {classes}")
+    return {**splits, "train": train.take(keep.nonzero().flatten())}
+
+
 def load_data(cfg: DataConfig) -> Dataset:
     """Load the data set cfg names into memory; with cfg.binarize, held-out splits are binarised once."""
+    columns = label_names = None
     if cfg.name in SOURCES:
         root = Path(cfg.root).expanduser() if cfg.root else default_root()
         splits = SOURCES[cfg.name](cfg, root)
     else:
-        path = Path(cfg.name).expanduser()
-        if path.is_dir():
-            splits = _image_folder(cfg, path)
-        elif path.suffix in (".npy", ".npz") and path.is_file():
-            splits = _arrays(cfg, path)
-        elif path.suffix in (".npy", ".npz"):
-            raise VaekitError(f"data file not found: {path}")
-        else:
-            raise VaekitError(
-                f"unknown data '{cfg.name}': use one of {', '.join(SOURCES)}, a .npy/.npz file or an image folder"
-            )
-    _check(splits, cfg.name)
+        splits, columns, label_names = _file(cfg)
+        if "all" in splits:
+            splits = _split(splits["all"], cfg.test_fraction)
+    _check(splits, cfg.name, unit_range=columns is None)
+    if cfg.classes:
+        splits = _keep_classes(splits, cfg.classes, cfg.name)
     if cfg.validation:
         splits = _hold_out(splits, cfg.validation, cfg.name)
+    scaler = None
+    if columns is not None:
+        # Tables are standardised with the statistics of the examples the model trains on, kept with the run.
+        scaler = Scaler.fit(splits["train"].x, columns)
+        splits = {k: Split(scaler.apply(s.x, columns, cfg.name), s.y, s.names) for k, s in splits.items()}
     if cfg.binarize:
         # Held-out splits get one fixed binarisation so that their losses are comparable between runs.
         g = torch.Generator().manual_seed(0)
         for name, s in splits.items():
             if name != "train":
-                splits[name] = Split(torch.bernoulli(s.x, generator=g), s.y)
-    return Dataset(cfg.name, splits)
+                splits[name] = Split(torch.bernoulli(s.x, generator=g), s.y, s.names)
+    return Dataset(cfg.name, splits, scaler, label_names)
+
+
+def load_examples(cfg: DataConfig, split: str = "test", scaler: Scaler | None = None) -> tuple[Split, list[str] | None]:
+    """The examples of data to be scored, and the names of their labels where those were text: a file or folder
+    whole and in its order (for an .npz with x_train and x_test, the split asked for), or a split of a built-in
+    data set. A table is standardised with scaler."""
+    if cfg.name in SOURCES:
+        return load_data(cfg).split(split), None
+    splits, columns, label_names = _file(cfg)
+    splits = {"all": splits["all"]} if "all" in splits else {split: Dataset(cfg.name, splits).split(split)}
+    _check(splits, cfg.name, unit_range=columns is None)
+    whole = next(iter(splits.values()))
+    if columns is None:
+        return whole, label_names
+    if scaler is None:
+        raise VaekitError(f"{cfg.name} is a table, but the model was not trained on one, so it has no table statistics")
+    return Split(scaler.apply(whole.x, columns, cfg.name), whole.y), label_names

@@ -74,3 +74,47 @@ def loss_curves(metrics: list[dict[str, Any]], path: str | Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def roc_curve(score: torch.Tensor, anomalous: torch.Tensor, auroc: float, path: str | Path) -> Path:
+    """The ROC curve of an anomaly score, anomalies as positives."""
+    from sklearn.metrics import roc_curve as curve
+
+    fpr, tpr, _ = curve(anomalous.numpy(), score.numpy())
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, label=f"AUROC {auroc:.4f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false-alarm rate (normal examples flagged)")
+    ax.set_ylabel("detection rate (anomalies flagged)")
+    ax.set_title("ROC curve")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def score_histograms(
+    score: torch.Tensor, anomalous: torch.Tensor, threshold: float | None, name: str, path: str | Path
+) -> Path:
+    """Histograms of the score for normal and anomalous examples, with the threshold if there is one."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    values, flags = score.numpy(), anomalous.numpy().astype(bool)
+    bins = np.histogram_bin_edges(values, bins=60).tolist()
+    ax.hist(values[~flags], bins=bins, alpha=0.6, density=True, label=f"normal ({(~flags).sum()})")
+    ax.hist(values[flags], bins=bins, alpha=0.6, density=True, label=f"anomalous ({flags.sum()})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label="threshold")
+    ax.set_xlabel(f"anomaly score ({name}; higher = more anomalous)")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _save(fig, path)
+
+
+def anomaly_extremes(x: torch.Tensor, recon: torch.Tensor, errors: torch.Tensor, path: str | Path) -> Path:
+    """Inputs, their reconstructions and error maps; the first half of the rows most anomalous, the rest least."""
+    maps = errors.sum(1, keepdim=True).float()  # over colour channels
+    maps = maps / maps.amax((1, 2, 3), keepdim=True).clamp(min=1e-12)
+    half = len(x) // 2
+    panels = [("inputs (top: most anomalous, bottom: least)", x), ("reconstructions", recon), ("error maps", maps)]
+    return image_panels(panels, path, nrow=max(1, half))

@@ -42,13 +42,13 @@ def check_arguments(k: int, seed: int, max_elements: int | None) -> None:
         raise VaekitError(f"max_elements must be at least 1, got {max_elements}")
 
 
-def _block(model: VAE, x: torch.Tensor, k: int, chunk: int, g: torch.Generator, dtype: torch.dtype):
+def _block(model: VAE, x: torch.Tensor, k: int, chunk: int, g: torch.Generator, dtype: torch.dtype, common: bool):
     """For each example of x: log of the mean over k draws of the importance weight, and the mean log-weight."""
     lse = torch.full((len(x),), -math.inf, dtype=dtype, device=x.device)
     total = torch.zeros(len(x), dtype=dtype, device=x.device)
     posterior = model.encode(x)
     for start in range(0, k, chunk):
-        log_w = log_weights(model, x, min(chunk, k - start), generator=g, posterior=posterior).to(dtype)
+        log_w = log_weights(model, x, min(chunk, k - start), generator=g, posterior=posterior, common=common).to(dtype)
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
         total += log_w.sum(0)
     return lse - math.log(k), total / k
@@ -62,12 +62,15 @@ def blocks(
     generator: torch.Generator,
     max_elements: int | None = None,
     progress: bool = True,
+    common: bool = False,
 ) -> Iterator[Block]:
     """The estimates of log p(x) and the ELBO from k draws per example, block by block of examples, in order.
 
     No decoder output holds more than max_elements numbers (default: 2**20 on a CPU, which balances cache misses
     against per-operation overhead, 2**26 on a GPU). The draws come from generator, which the caller may also use
-    between blocks: the results are deterministic for a given generator state, device and max_elements.
+    between blocks: the results are deterministic for a given generator state, device and max_elements. With
+    common, every example gets the same k draws of noise (each block starts again from the generator's state), so
+    that an example's estimate does not depend on which others are evaluated with it.
     """
     device, dtype = model.device, accumulation_dtype(model.device)
     cap = max_elements or (2**20 if device.type == "cpu" else 2**26)
@@ -75,9 +78,12 @@ def blocks(
     chunk = max(1, min(k, cap // per_draw))
     batch = max(1, cap // (chunk * per_draw)) if chunk == k else 1
     bar = tqdm(total=len(x), unit="img", desc=f"evaluate k={k}", disable=not progress or None, leave=False)
+    start = generator.get_state()
     for i in range(0, len(x), batch):
         xb = x[i : i + batch].to(device)
-        log_px, elbo = _block(model, xb, k, chunk, generator, dtype)
+        if common:
+            generator.set_state(start)
+        log_px, elbo = _block(model, xb, k, chunk, generator, dtype, common)
         yield Block(i, xb, log_px, elbo)
         bar.update(len(xb))
     bar.close()

@@ -39,6 +39,10 @@ class Likelihood(Protocol):
         """log p(x | params) summed over the dimensions of each example: (..., B)."""
         ...
 
+    def log_prob_dims(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log p(x_d | params) of every dimension d, which log_prob sums: (..., B, *shape)."""
+        ...
+
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """The expected value of x: (..., B, *shape)."""
         ...
@@ -113,7 +117,7 @@ class Bernoulli(nn.Module):
     def log_prob(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """log p(x | logits) summed over the dimensions of each example."""
         if torch.is_grad_enabled():
-            return _sum_event(_BernoulliLogProb.apply(logits, x), len(self.shape))
+            return _sum_event(self.log_prob_dims(x, logits), len(self.shape))
         # Evaluation with many draws per example, where this sum dominates the time. The same value, rearranged:
         # sum(x*l) as a matrix product, sum(relu(l)) = (sum(l) + sum(|l|)) / 2, and sum(log(sigmoid(|l|))) as the log
         # of products of groups of factors in [1/2, 1), which cannot underflow; element-wise log is slow on CPUs.
@@ -123,6 +127,10 @@ class Bernoulli(nn.Module):
         group = max(g for g in range(1, 65) if logits.shape[-1] % g == 0)
         log_sigmoid_sum = magnitude.sigmoid_().unflatten(-1, (-1, group)).prod(-1).log_().sum(-1)
         return torch.einsum("...bd,bd->...b", logits, x) - relu_sum + log_sigmoid_sum
+
+    def log_prob_dims(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log p(x_d | logits) of every dimension."""
+        return _BernoulliLogProb.apply(logits, x)
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         """The expected value of x."""
@@ -161,7 +169,11 @@ class Gaussian(nn.Module):
 
     def log_prob(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """log N(x; mean, sigma^2) summed over the dimensions of each example (a density); sigma is at least 1e-3."""
-        return _sum_event(log_normal(x, mean, 2 * self.log_sigma.clamp(min=MIN_LOG_SIGMA)), len(self.shape))
+        return _sum_event(self.log_prob_dims(x, mean), len(self.shape))
+
+    def log_prob_dims(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """log N(x_d; mean_d, sigma_d^2) of every dimension."""
+        return log_normal(x, mean, 2 * self.log_sigma.clamp(min=MIN_LOG_SIGMA))
 
     def mean(self, mean: torch.Tensor) -> torch.Tensor:
         """The expected value of x."""
@@ -205,6 +217,10 @@ class LogisticMixture(nn.Module):
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log P(x | params) summed over the dimensions of each example (a probability mass)."""
         return _sum_event(self._log_mass(x, params), len(self.shape))
+
+    def log_prob_dims(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log P(x_d | params) of every dimension."""
+        return self._log_mass(x, params)
 
     def value_log_probs(self, params: torch.Tensor) -> torch.Tensor:
         """log P(x_d = v / 255 | params) of every dimension d and level v: (..., B, *shape, 256)."""

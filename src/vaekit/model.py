@@ -24,10 +24,17 @@ def kl_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def draw(
-    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None, k: int | None = None
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    generator: torch.Generator | None = None,
+    k: int | None = None,
+    common: bool = False,
 ) -> torch.Tensor:
-    """A reparameterised draw from N(mean, exp(logvar)), or k of them stacked on a new first axis."""
-    shape = mean.shape if k is None else (k, *mean.shape)
+    """A reparameterised draw from N(mean, exp(logvar)) of shape (..., B, dims), or k of them stacked on a new first
+    axis. With common, every example of the batch gets the same standard-normal noise."""
+    shape = list(mean.shape if k is None else (k, *mean.shape))
+    if common:
+        shape[-2] = 1  # the batch axis: the noise broadcasts over it
     eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + torch.exp(0.5 * logvar) * eps
 
@@ -85,18 +92,20 @@ class VAE(nn.Module):
         analytic: bool = True,
         generator: torch.Generator | None = None,
         posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+        common: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x|z), (k, B), and log q(z|x) - log p(z) per latent dimension, (k, B, dims), at k draws z ~ q(z|x).
 
         With analytic=True the top layer's term is its closed-form KL (lower variance, for the ELBO); otherwise every
         term is evaluated at the draws, as importance weights need. posterior, if given, is encode(x) already computed.
+        With common, all examples share the same standard-normal noise, so that each one's result depends on it alone.
         """
         mean, logvar = posterior if posterior is not None else self.encoder(x)
-        z1 = z = draw(mean, logvar, generator, k)
+        z1 = z = draw(mean, logvar, generator, k, common)
         kl = []
         if self.config.latent2:
             mean2, logvar2 = self.encoder2(z1)
-            z2 = draw(mean2, logvar2, generator)
+            z2 = draw(mean2, logvar2, generator, common=common)
             kl.append(log_normal(z1, mean, logvar) - log_normal(z1, *self.prior1(z2)))
             mean, logvar, z = mean2, logvar2, z2
         kl.append(kl_normal(mean, logvar).expand_as(z) if analytic else log_normal(z, mean, logvar) - log_normal(z))
@@ -129,15 +138,17 @@ def log_weights(
     free_bits: float = 0.0,
     generator: torch.Generator | None = None,
     posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    common: bool = False,
 ) -> torch.Tensor:
     """The log importance weights log p(x|z) + log p(z) - log q(z|x) at k draws z ~ q(z|x) per example: (k, B).
 
     Their mean over the draws is the ELBO, their log-mean-exp the k-sample bound on log p(x) (Burda et al. 2015).
     analytic=True puts the top layer's KL in closed form (lower variance, for the ELBO; not importance weights).
     For training, beta weights the KL terms and free_bits exempts each latent dimension whose KL, averaged over the
-    batch, is below that many nats (Kingma et al. 2016). posterior, if given, is model.encode(x) already computed.
+    batch, is below that many nats (Kingma et al. 2016). posterior, if given, is model.encode(x) already computed;
+    common gives every example the same noise (see VAE.terms).
     """
-    log_px, kl = model.terms(x, k, analytic=analytic, generator=generator, posterior=posterior)
+    log_px, kl = model.terms(x, k, analytic=analytic, generator=generator, posterior=posterior, common=common)
     if free_bits > 0:
         kl = torch.where(kl.detach().mean((0, 1)) >= free_bits, kl, torch.full_like(kl, free_bits))
     kl_sum = kl.sum(-1)
@@ -168,3 +179,10 @@ def mean_loss(model: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int = 0
     for i in range(0, len(x), batch_size):
         total += model.loss(x[i : i + batch_size].to(model.device), g).sum()
     return total.item() / len(x)
+
+
+@torch.no_grad()
+def encode_all(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and log-variances for every example, computed in batches."""
+    parts = [model.encode(x[i : i + batch_size].to(model.device)) for i in range(0, len(x), batch_size)]
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])

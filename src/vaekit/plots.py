@@ -8,8 +8,9 @@ import torch
 
 from .figures import image_panels, latent_scatter, loss_curves
 from .files import is_image
+from .model import encode_all
 from .run import Run, open_run
-from .uses.generation import encode_all, interpolate, manifold
+from .uses.generation import interpolate, manifold
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from .data import Dataset, Split, load_data
 from .errors import VaekitError
 from .files import write_bytes, write_text
 from .model import VAE
+from .tables import Scaler
 
 # The files and folders of a run, by name. {split} is "" for the test split and "-SPLIT" for the others; {first} is
 # "" for a whole split and "-firstN" for its first N examples.
@@ -39,6 +40,9 @@ ARTIFACTS = {
     "reconstructions-plot": "plots/reconstructions.png",
     "interpolations-plot": "plots/interpolations.png",
     "evaluation": "evaluation{split}{first}.json",  # what `evaluate` measured; per-example values in the .npz
+    "scaler": "scaler.json",  # tables: the standardisation of the training split, applied to every table scored
+    "anomaly": "anomaly.json",  # the calibrated anomaly score and threshold
+    "anomaly-report": "anomaly-report",  # what `anomaly report` measured and drew
     "samples": "samples.png",
     "reconstructions": "reconstructions.png",
     "latents": "latents.npy",
@@ -209,6 +213,13 @@ class Run:
         shape = shape or self.model.shape
         if tuple(x.shape[1:]) != shape:
             raise VaekitError(f"{what} of shape {tuple(x.shape[1:])}, but the model was trained on {shape}")
+
+    @property
+    def scaler(self) -> Scaler | None:
+        """The standardisation of a run trained on a table (None for other data)."""
+        if self._data is not None:
+            return self._data.scaler
+        return Scaler.load(self.path("scaler")) if self.path("scaler").exists() else None
 
     def loaded_data(self) -> Dataset | None:
         """The data set held in memory, if it has been loaded or was given (None otherwise)."""

@@ -98,6 +98,11 @@ def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
     # These may differ: the number of epochs (--epochs), where the data are found, and the device's name.
     for section, key in (("train", "epochs"), ("data", "root"), ("data", "download"), ("train", "device")):
         del settings[section][key]
+    # Settings added since 0.1.0 are recorded only where they differ from their defaults, so that checkpoints made
+    # before they existed still resume.
+    for key, default in (("classes", []), ("label_column", ""), ("one_hot", False)):
+        if settings["data"][key] == default:
+            del settings["data"][key]
     digests = {}
     for name, split in data.splits.items():
         h = hashlib.sha256(split.x.detach().cpu().contiguous().numpy().data)
@@ -198,6 +203,11 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
     t, device = cfg.train, pick_device(cfg.train.device)
     if t.patience and "valid" not in data.splits:
         raise VaekitError("train.patience needs a validation split: hold one out with --set data.validation=N")
+    if data.scaler is not None and cfg.model.likelihood != "gaussian":
+        raise VaekitError(
+            f"tables are standardised, so their values are not in [0, 1] as the {cfg.model.likelihood} likelihood "
+            "needs: use --set model.likelihood=gaussian"
+        )
     # On the device before anything is written: data too large for it must not leave an empty run directory.
     x_train = data.split("train").x.to(device)
     held_out: dict[str, torch.Tensor] = {n: data.split(n).x.to(device) for n in ("valid", "test") if n in data.splits}
@@ -220,6 +230,8 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
     run.path("checkpoints").mkdir(exist_ok=True)
     write_text(run.path("config"), cfg.to_toml())
+    if run.data.scaler is not None:
+        run.data.scaler.save(run.path("scaler"))
     say = print if verbose else (lambda *a, **k: None)
     say(f"run directory: {run.dir}" + (f" (resuming from {start.name})" if start else ""))
     params = list(model.parameters())

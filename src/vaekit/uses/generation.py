@@ -1,6 +1,6 @@
 """Generation: samples from the prior, reconstructions, latent codes, decodings, interpolations, manifolds.
 
-The pure functions (`encode_all`, `interpolate`, `manifold`) take a model and tensors; the others take a run and may
+The pure functions (`interpolate`, `manifold`) take a model and tensors; the others take a run and may
 write their results as PNG grids or NumPy arrays.
 """
 
@@ -15,7 +15,7 @@ import torch
 from ..errors import VaekitError
 from ..figures import image_panels
 from ..files import check_writable, require_images, save_array, save_grid
-from ..model import VAE
+from ..model import VAE, encode_all
 from ..run import Run, open_run
 
 
@@ -33,13 +33,6 @@ def _written(images: torch.Tensor, out: str | Path | None, npy: str | Path | Non
     if npy is not None:
         save_array(npy, images)
     return images
-
-
-@torch.no_grad()
-def encode_all(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means and log-variances for every example, computed in batches."""
-    parts = [model.encode(x[i : i + batch_size].to(model.device)) for i in range(0, len(x), batch_size)]
-    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
 @torch.no_grad()

@@ -1,26 +1,14 @@
-"""The `vaekit` command: a table of commands, each declaring its arguments and calling one API function."""
+"""The commands that train a model and use a run: train, evaluate, sample, reconstruct, encode, decode, plot."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from .config import PRESETS
-from .errors import VaekitError
-
-EPILOG = "Run 'vaekit COMMAND --help' for a command's options. Docs and examples: README.md."
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from ..config import PRESETS
+from ..errors import VaekitError
+from . import Arg, arg, command
 
 
 def _int_list(text: str) -> list[int]:
@@ -31,39 +19,6 @@ def _int_list(text: str) -> list[int]:
     if not sizes:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
     return sizes
-
-
-Arg = tuple[tuple[str, ...], dict[str, Any]]
-
-
-def arg(*flags: str, **options: Any) -> Arg:
-    """One argument of a command: argparse's add_argument arguments; a default is added to the help."""
-    return flags, options
-
-
-@dataclass(frozen=True)
-class Command:
-    """One `vaekit` command: examples, its arguments and the function that runs it, whose docstring is its help."""
-
-    name: str
-    examples: tuple[str, ...]
-    arguments: tuple[Arg, ...]
-    run: Callable[[argparse.Namespace], None]
-    takes_run: bool  # its first argument is a run directory
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def command(examples: tuple[str, ...], *arguments: Arg, takes_run: bool = True) -> Callable:
-    """Add the decorated function to COMMANDS, under its name without underscores."""
-
-    def register(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
-        name = run.__name__.strip("_")
-        COMMANDS[name] = Command(name, examples, arguments, run, takes_run)
-        return run
-
-    return register
 
 
 SPLIT = arg("--split", default="test", help="train, test or valid (where there is one)")
@@ -119,9 +74,9 @@ def _train(a: argparse.Namespace) -> None:
     Settings come from a preset, then --config, then the flags. Checkpoints go to RUN/checkpoints; SIGINT (Ctrl-C) or
     SIGTERM saves one and stops, and --resume continues the run exactly where it stopped.
     """
-    from .config import make_config, parse_assignment
-    from .plots import plot
-    from .training import resume, train
+    from ..config import make_config, parse_assignment
+    from ..plots import plot
+    from ..training import resume, train
 
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
     overrides.update({k: v for k, v in vars(a).items() if "." in k and v is not None})
@@ -152,8 +107,8 @@ def _train(a: argparse.Namespace) -> None:
 )
 def _evaluate(a: argparse.Namespace) -> None:
     """Estimate log-likelihood (importance sampling), ELBO, bits/dim and active units."""
-    from .run import open_run
-    from .uses.evaluation import evaluate, table
+    from ..run import open_run
+    from ..uses.evaluation import evaluate, table
 
     options = {"split": a.split, "k": a.k, "seed": a.seed, "device": a.device, "max_elements": a.max_elements}
     _, s = evaluate(a.run, limit=a.limit, save=not a.no_save, **options)
@@ -164,7 +119,7 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 def _default(a: argparse.Namespace, name: str) -> Path | None:
     """-o if given; else no picture when only --npy was asked for; else the run's artifact called name."""
-    from .run import open_run
+    from ..run import open_run
 
     if a.out:
         return Path(a.out)
@@ -183,7 +138,7 @@ def _wrote(*paths: Path | str | None) -> str:
 )
 def _sample(a: argparse.Namespace) -> None:
     """Draw images from the prior of a trained model."""
-    from .uses.generation import sample
+    from ..uses.generation import sample
 
     path = _default(a, "samples")
     sample(a.run, a.n, seed=a.seed, out=path, npy=a.npy)
@@ -198,7 +153,7 @@ def _sample(a: argparse.Namespace) -> None:
 )
 def _reconstruct(a: argparse.Namespace) -> None:
     """Show examples next to their reconstructions."""
-    from .uses.generation import reconstruct
+    from ..uses.generation import reconstruct
 
     path = _default(a, "reconstructions")
     reconstruct(a.run, a.n, split=a.split, out=path)
@@ -212,7 +167,7 @@ def _reconstruct(a: argparse.Namespace) -> None:
 )
 def _encode(a: argparse.Namespace) -> None:
     """Write posterior means and log-variances of a data split."""
-    from .uses.generation import encode
+    from ..uses.generation import encode
 
     path = _default(a, "latents")
     mean, _, _ = encode(a.run, split=a.split, out=path)
@@ -226,7 +181,7 @@ def _encode(a: argparse.Namespace) -> None:
 )
 def _decode(a: argparse.Namespace) -> None:
     """Decode latent codes into images."""
-    from .uses.generation import decode
+    from ..uses.generation import decode
 
     path = _default(a, "decoded")
     images = decode(a.run, a.latents, out=path, npy=a.npy)
@@ -236,62 +191,7 @@ def _decode(a: argparse.Namespace) -> None:
 @command(("vaekit plot runs/digits-20260101-120000",))
 def _plot(a: argparse.Namespace) -> None:
     """Draw all plots of a run into RUN/plots."""
-    from .plots import plot
+    from ..plots import plot
 
     for path in plot(a.run):
         print(path)
-
-
-def _build() -> argparse.ArgumentParser:
-    """The parser of every command in COMMANDS."""
-    p = _Parser(prog="vaekit", description="Train, inspect and use variational auto-encoders.", epilog=EPILOG)
-    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for c in COMMANDS.values():
-        doc = inspect.cleandoc(c.run.__doc__ or "")
-        summary = doc.splitlines()[0]
-        epilog = "examples:\n  " + "\n  ".join(c.examples)
-        short = summary[0].lower() + summary[1:].rstrip(".")
-        raw = argparse.RawDescriptionHelpFormatter
-        parser = sub.add_parser(c.name, help=short, description=doc, epilog=epilog, formatter_class=raw)
-        if c.takes_run:
-            parser.add_argument("run", metavar="RUN", help="a run directory made by 'vaekit train'")
-        for flags, options in c.arguments:
-            default = options.get("default")
-            if isinstance(default, (int, str)) and not isinstance(default, bool) and options.get("help"):
-                options = {**options, "help": f"{options['help']} (default: {default})"}
-            parser.add_argument(*flags, **options)
-        parser.set_defaults(handler=c.run)
-    return p
-
-
-# How torch's allocators (CPU, CUDA, MPS) say that a requested size cannot be had.
-_MEMORY_ERRORS = ("out of memory", "not enough memory", "can't allocate memory", "size calculation overflowed")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `vaekit` command: run one command; user errors are one line on stderr and exit code 2."""
-    args = _build().parse_args(argv)
-    try:
-        args.handler(args)
-    except VaekitError as e:
-        if args.debug:
-            raise
-        print(f"vaekit: error: {e}", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as e:
-        # Sizes a user asked for (huge images, layers or sample counts) can exhaust memory: their error, not a bug.
-        if args.debug or not (isinstance(e, MemoryError) or any(m in str(e) for m in _MEMORY_ERRORS)):
-            raise
-        detail = str(e).splitlines()[0] if str(e) else "allocation failed"
-        print(f"vaekit: error: out of memory ({detail.split(' (Triggered internally')[0]})", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        from .training import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"vaekit: {e}", file=sys.stderr)
-            return e.exit_code
-        print("vaekit: interrupted", file=sys.stderr)
-        return 130
-    return 0
