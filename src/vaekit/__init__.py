@@ -21,6 +21,7 @@ _EXPORTS = {
     "plots": ["plot"],
     "run": ["Run", "load", "load_config", "open_run", "read_metrics"],
     "training": ["Interrupted", "resume", "train"],
+    "uses.detector": ["AnomalyDetector"],
     "uses.evaluation": ["Evaluation", "estimate", "evaluate"],
     "uses.generation": ["decode", "encode", "interpolate", "manifold", "reconstruct", "sample"],
 }
@@ -36,11 +37,13 @@ if TYPE_CHECKING:
     from .plots import plot
     from .run import Run, load, load_config, open_run, read_metrics
     from .training import Interrupted, resume, train
+    from .uses.detector import AnomalyDetector
     from .uses.evaluation import Evaluation, estimate, evaluate
     from .uses.generation import decode, encode, interpolate, manifold, reconstruct, sample
 
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
+    "AnomalyDetector",
     "Config",
     "DataConfig",
     "Dataset",

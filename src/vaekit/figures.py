@@ -114,7 +114,8 @@ def score_histograms(
 def anomaly_extremes(x: torch.Tensor, recon: torch.Tensor, errors: torch.Tensor, path: str | Path) -> Path:
     """Inputs, their reconstructions and error maps; the first half of the rows most anomalous, the rest least."""
     maps = errors.sum(1, keepdim=True).float()  # over colour channels
-    maps = maps / maps.amax((1, 2, 3), keepdim=True).clamp(min=1e-12)
+    # One scale for all, so that the rows can be compared; a density's -log p can be negative, hence the shift.
+    maps = (maps - maps.min()) / (maps.max() - maps.min()).clamp(min=1e-12)
     half = len(x) // 2
     panels = [("inputs (top: most anomalous, bottom: least)", x), ("reconstructions", recon), ("error maps", maps)]
     return image_panels(panels, path, nrow=max(1, half))
