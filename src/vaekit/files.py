@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -63,6 +64,16 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_text(path: str | Path, text: str) -> None:
     """Write text to path atomically."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | Path, missing: str) -> Any:
+    """The JSON value in a file; a missing file raises VaekitError(missing), an unreadable one names its problem."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VaekitError(missing) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VaekitError(f"cannot read {path}: {e}") from None
 
 
 def save_array(path: str | Path, array: torch.Tensor | None = None, **named: torch.Tensor) -> Path:

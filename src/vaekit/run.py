@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from .config import Config, from_dict, read_toml
 from .data import Dataset, Split, load_data
 from .errors import VaekitError
-from .files import write_bytes, write_text
+from .files import read_json, write_bytes, write_text
 from .model import VAE
 from .tables import Scaler
 
@@ -67,12 +67,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
     if not run_dir.is_dir():
         raise VaekitError(f"run directory not found: {run_dir}")
     desc_path, weights_path = run_dir / DESCRIPTION, run_dir / WEIGHTS
-    try:
-        desc = json.loads(desc_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VaekitError(f"{run_dir} is not a vaekit run: {DESCRIPTION} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VaekitError(f"cannot read {desc_path}: {e}") from None
+    desc = read_json(desc_path, f"{run_dir} is not a vaekit run: {DESCRIPTION} is missing")
     if not isinstance(desc, dict) or desc.get("format") != FORMAT:
         raise VaekitError(f"{desc_path} is not a vaekit model description")
     try:

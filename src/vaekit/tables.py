@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import VaekitError
-from .files import write_text
+from .files import read_json, write_text
 
 MISSING = {"", "na", "nan", "n/a", "null", "none"}  # cells read as missing values, in any capitalisation
 
@@ -88,7 +88,8 @@ def read_csv(path: str | Path, label_column: str = "", one_hot: bool = False) ->
     text = [c for c in features if any(_number(cell) is None for cell in cells[c])]
     if text and not one_hot:
         raise VaekitError(
-            f"{path}: the columns {_list(text)} are not numeric; remove them, or pass --one-hot to encode them"
+            f"{path}: the columns {_list(text)} are not numeric; remove them, or one-hot encode them "
+            "with --set data.one_hot=true"
         )
     names: list[str] = []
     values: list[list[float]] = []
@@ -152,15 +153,13 @@ class Scaler:
     @classmethod
     def load(cls, path: str | Path) -> Scaler:
         """Read statistics written by save."""
+        raw = read_json(path, f"{path} is missing: the run's table statistics are needed to scale new tables")
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
             if raw.pop("format") != "vaekit-scaler":
                 raise ValueError("not a vaekit scaler")
             scaler = cls(**raw)
             if not len(scaler.columns) == len(scaler.mean) == len(scaler.std):
                 raise ValueError("columns, means and deviations differ in number")
             return scaler
-        except FileNotFoundError:
-            raise VaekitError(f"{path} is missing: the run's table statistics are needed to scale new tables") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise VaekitError(f"{path} is not a vaekit table scaler ({e})") from None

@@ -21,7 +21,7 @@ import torch
 
 from ..data import Split, load_examples
 from ..errors import VaekitError
-from ..files import check_writable, write_text
+from ..files import check_writable, read_json, write_text
 from ..importance import blocks, check_arguments
 from ..model import VAE, encode_all
 from ..optim import pick_device
@@ -223,12 +223,7 @@ def calibrate(
 def read_calibration(run: Run) -> dict[str, Any]:
     """The calibration saved in a run, checked to belong to the run's current model."""
     path = run.path("anomaly")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VaekitError(f"{run.dir} has no anomaly threshold yet: run 'vaekit anomaly calibrate {run.dir}'") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VaekitError(f"cannot read {path}: {e}") from None
+    raw = read_json(path, f"{run.dir} has no anomaly threshold yet: run 'vaekit anomaly calibrate {run.dir}'")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("score") not in SCORES:
         raise VaekitError(f"{path} is not a vaekit anomaly calibration")
     if raw.get("model_sha256") != _weights_digest(run):
