@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vaekit
+from vaekit.cli import main
 
 SHARED = Path(os.environ.get("VAEKIT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -36,3 +37,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the vaekit command in this process: its exit code, stdout and stderr."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str) -> None:
+    """The command failed as a user error must: exit code 2 and one line on stderr, no traceback."""
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("vaekit: error:") and "Traceback" not in err, err

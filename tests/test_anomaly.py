@@ -12,25 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from sklearn.datasets import load_breast_cancer
 
 import vaekit
-from vaekit.cli import main
 from vaekit.uses import anomaly
 from vaekit.uses.detector import AnomalyDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str) -> None:
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("vaekit: error:") and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------- one-class digits

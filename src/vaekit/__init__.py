@@ -21,6 +21,7 @@ _EXPORTS = {
     "plots": ["plot"],
     "run": ["Run", "load", "load_config", "open_run", "read_metrics"],
     "training": ["Interrupted", "resume", "train"],
+    "uses.compression": ["compress", "decompress"],
     "uses.detector": ["AnomalyDetector"],
     "uses.evaluation": ["Evaluation", "estimate", "evaluate"],
     "uses.generation": ["decode", "encode", "interpolate", "manifold", "reconstruct", "sample"],
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .plots import plot
     from .run import Run, load, load_config, open_run, read_metrics
     from .training import Interrupted, resume, train
+    from .uses.compression import compress, decompress
     from .uses.detector import AnomalyDetector
     from .uses.evaluation import Evaluation, estimate, evaluate
     from .uses.generation import decode, encode, interpolate, manifold, reconstruct, sample
@@ -44,10 +46,12 @@ if TYPE_CHECKING:
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "AnomalyDetector",
+    "compress",
     "Config",
     "DataConfig",
     "Dataset",
     "decode",
+    "decompress",
     "DiscreteLikelihood",
     "encode",
     "estimate",

@@ -12,6 +12,7 @@ from .errors import VaekitError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+EXACT_MODES = {1: ("1", "L"), 3: ("RGB",)}  # modes whose pixels convert to 8-bit grey or RGB without loss
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -33,11 +34,11 @@ def _pixels(im, channels: int, size: tuple[int, int]) -> torch.Tensor:
 
 
 def read_folder(
-    path: Path, channels: int, image_size: int
+    path: Path, channels: int, image_size: int, exact: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str], list[str] | None]:
     """Every image under path in sorted order, as (N, C, H, W) in [0, 1], with file names relative to path, and
     labels with their names, the sub-folders (when every image sits in one); channels 0 picks 3 if any image has
-    colour, else 1."""
+    colour, else 1. exact refuses any image that would need resizing or a lossy colour conversion."""
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -49,6 +50,11 @@ def read_folder(
             with Image.open(f) as im:
                 im.load()
                 images.append(im.copy())
+                if exact and (im.size != (image_size, image_size) or im.mode not in EXACT_MODES[channels]):
+                    raise VaekitError(
+                        f"{f} is a {im.size[0]}x{im.size[1]} {im.mode} image; this takes {image_size}x{image_size} "
+                        f"{'grey' if channels == 1 else 'RGB'} 8-bit images as they are, with no resizing or conversion"
+                    )
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise VaekitError(f"cannot read image {f}: {e}") from None
     channels = channels or (3 if any(im.mode not in GREY_MODES for im in images) else 1)

@@ -66,6 +66,11 @@ class DiscreteLikelihood(Likelihood, Protocol):
         """log P(x_d = v / (levels - 1) | params) for every dimension d and value v: (..., B, *shape, levels)."""
         ...
 
+    def cdf(self, params: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+        """P(x_d < b / (levels - 1) | params) at level boundaries b = 0 .. levels, for coding: boundaries (m,) or
+        (..., B, *shape, m) give (..., B, *shape, m)."""
+        ...
+
 
 LOG_2PI = math.log(2 * math.pi)
 MIN_LOG_SIGMA = math.log(1e-3)  # a learned deviation could otherwise shrink without end on constant dimensions
@@ -143,6 +148,11 @@ class Bernoulli(nn.Module):
     def value_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """log P(x_d = 0) and log P(x_d = 1) of every dimension: (..., B, *shape, 2)."""
         return torch.stack([-F.softplus(logits), -F.softplus(-logits)], -1)
+
+    def cdf(self, logits: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+        """P(x_d < b) at the boundaries b = 0, 1, 2 of the two values: 0, P(x_d = 0), 1."""
+        p0 = torch.sigmoid(-logits).unsqueeze(-1)
+        return torch.where(boundaries == 0, 0.0, torch.where(boundaries == 1, p0, 1.0)).to(logits.dtype)
 
     def discrete(self, x: torch.Tensor) -> bool:
         """Whether log_prob(x) is a log-probability mass (so that it counts bits): here, when x is binary."""
@@ -228,6 +238,18 @@ class LogisticMixture(nn.Module):
         # The levels on a new first axis broadcast against every axis of an x (..., B, *shape); they end up last.
         x = levels.view(-1, *[1] * params.dim())
         return self._log_mass(x, params).movedim(0, -1)
+
+    def cdf(self, params: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+        """P(x_d < b / 255 | params) at level boundaries b = 0 .. 256: the mixture of logistic distribution functions
+        at the edges between levels, with the whole lower tail below level 0 and the upper tail above level 255."""
+        log_w, means, log_scales = self._split(params)
+        axis = -len(self.shape) - 2  # the mixture axis, with the boundaries' axis last
+        b = boundaries.to(params.dtype).unsqueeze(axis) if boundaries.dim() > 1 else boundaries.to(params.dtype)
+        edge = (2 * b - 1) / self.BINS - 1
+        edge = torch.where(b == 0, -math.inf, torch.where(b == self.levels, math.inf, edge))
+        inv_s = torch.exp(-log_scales).unsqueeze(-1)
+        cdf = torch.sigmoid_(torch.addcmul(-means.unsqueeze(-1) * inv_s, edge, inv_s))
+        return (cdf * log_w.exp().unsqueeze(-1)).sum(axis)
 
     def _log_mass(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log P(x_d | params) of every dimension d, broadcast over x and params: (..., B, *shape)."""

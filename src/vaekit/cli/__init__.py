@@ -65,7 +65,7 @@ def command(examples: tuple[str, ...], *arguments: Arg, takes_run: bool = True, 
 
 def _build() -> argparse.ArgumentParser:
     """The parser of every command in COMMANDS."""
-    from . import commands, detection  # noqa: F401 (importing them fills COMMANDS)
+    from . import commands, compression, detection  # noqa: F401 (importing them fills COMMANDS)
 
     p = _Parser(prog="vaekit", description="Train, inspect and use variational auto-encoders.", epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")

@@ -1,0 +1,281 @@
+"""Lossless compression: round trips on digits, random arrays, image folders, splits and MNIST; rates against the
+model's -ELBO; the file format's checks; models that cannot code."""
+
+import gzip
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED, assert_one_line_error, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sklearn.datasets import load_digits
+
+import vaekit
+from vaekit.config import ModelConfig
+from vaekit.model import VAE
+from vaekit.run import save_model
+from vaekit.uses import codec, compression
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIGITS = load_digits().images.astype(np.uint8)  # 1797 images of 8x8, values 0 to 16
+
+
+def _untrained(path: Path, shape: tuple[int, ...], likelihood: str, **settings) -> Path:
+    """A run directory holding a freshly initialised model: enough for round trips, which hold for any weights."""
+    model = VAE(shape, ModelConfig(hidden=[16], latent=3, likelihood=likelihood, **settings))
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Black-and-white digits (pixels >= 8) as a .npy of booleans, and a Bernoulli VAE trained on them."""
+    folder = tmp_path_factory.mktemp("binary")
+    np.save(folder / "digits.npy", DIGITS >= 8)
+    run = vaekit.train("digits", folder / "run", data=str(folder / "digits.npy"), epochs=40, latent=8,
+                       likelihood="bernoulli", verbose=False)  # fmt: skip
+    return folder / "digits.npy", run.dir
+
+
+@pytest.fixture(scope="module")
+def grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Digits as 8-bit images (values 0 to 240) in a .npy of uint8, and a logistic-mixture VAE trained on them."""
+    folder = tmp_path_factory.mktemp("grey")
+    np.save(folder / "digits.npy", DIGITS * 15)
+    run = vaekit.train("digits", folder / "run", data=str(folder / "digits.npy"), epochs=20, latent=8,
+                       likelihood="logistic-mixture", verbose=False)  # fmt: skip
+    return folder / "digits.npy", run.dir
+
+
+def _same_file_contents(a: Path, b: Path) -> None:
+    x, y = np.load(a), np.load(b)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def test_all_of_digits_round_trip_binary_and_8bit(binary, grey, tmp_path, capsys):
+    """Every digit, black-and-white through a Bernoulli model and 8-bit through a logistic mixture, comes back bit for
+    bit, at a rate near the model's -ELBO (which bits-back coding approaches) and below the input's 8 bits/pixel."""
+    for name, (data, run) in {"binary": binary, "grey": grey}.items():
+        code, out, err = run_cli(["compress", run, data, "-o", tmp_path / f"{name}.vkz", "--report", "-q"], capsys)
+        assert code == 0, err
+        code, _, err = run_cli(["decompress", tmp_path / f"{name}.vkz", "--run", run, "-o", tmp_path / f"{name}.npy"],
+                               capsys)  # fmt: skip
+        assert code == 0, err
+        _same_file_contents(data, tmp_path / f"{name}.npy")
+        rates = {line.rsplit(" ", 1)[0].strip(): float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+                 if line[:1].isalpha() and line.rsplit(" ", 1)[-1].replace(".", "").isdigit()}  # fmt: skip
+        # Besides the payload, the file holds a header (with the batch sizes) and a checksum.
+        size = (tmp_path / f"{name}.vkz").stat().st_size
+        _, words = compression.read_file(tmp_path / f"{name}.vkz")
+        payload = 32 * len(words) / DIGITS.size
+        assert math.isclose(rates["vaekit (this file)"], 8 * size / DIGITS.size, rel_tol=1e-3)
+        assert payload < 1.02 * rates["model -ELBO"] + 300 / DIGITS.size, (name, rates)
+        assert rates["vaekit (this file)"] < (1 if name == "binary" else 8)
+        assert {"gzip -9", "bzip2 -9", "xz -9e (LZMA)", "PNG (optimised)"} <= set(rates)
+
+
+def test_rate_follows_the_elbo_and_the_initial_bits_are_reported(binary, tmp_path):
+    """The payload is within 1% of the model's -ELBO plus the initial bits, and starting the chain costs about one
+    example's latents (at most precision bits per latent dimension, with room for a few wide posteriors)."""
+    data, run = binary
+    r = vaekit.compress(run, data, tmp_path / "d.vkz", report=True)
+    assert r["examples"] == len(DIGITS) and r["dims"] == DIGITS.size
+    expected = r["neg_elbo_bits_per_dim"] + r["initial_bits"] / r["dims"]
+    assert abs(r["payload_bits_per_dim"] - expected) < 0.01 * expected, r
+    assert 0 < r["initial_bits"] <= 2 * 16 * 8 + 64
+
+
+@pytest.mark.parametrize("likelihood,levels,dtype", [("bernoulli", 2, np.bool_), ("bernoulli", 2, np.float32),
+                                                     ("logistic-mixture", 256, np.uint8),
+                                                     ("logistic-mixture", 256, np.int64)])  # fmt: skip
+def test_random_arrays_round_trip_in_their_dtype_and_shape(likelihood, levels, dtype, tmp_path):
+    """Noise, the hardest case for a model, still comes back exactly, in the array's own dtype and layout."""
+    run = _untrained(tmp_path / "run", (1, 5, 4), likelihood)
+    values = np.random.default_rng(0).integers(0, levels, size=(257, 5, 4)).astype(dtype)
+    np.save(tmp_path / "x.npy", values)
+    vaekit.compress(run, tmp_path / "x.npy", tmp_path / "x.vkz", batch_size=10)
+    back = vaekit.decompress(tmp_path / "x.vkz", run, tmp_path / "y.npy")
+    assert back.dtype == values.dtype and back.shape == values.shape and np.array_equal(back, values)
+    _same_file_contents(tmp_path / "x.npy", tmp_path / "y.npy")
+
+
+def test_channels_last_and_scaled_floats_come_back_exactly(tmp_path):
+    """Colour images stored channels-last, and 8-bit values stored as float32 k/255, keep their layout and bits."""
+    run = _untrained(tmp_path / "run", (3, 4, 4), "logistic-mixture")
+    levels = np.random.default_rng(1).integers(0, 256, size=(20, 4, 4, 3))
+    for values in (levels.astype(np.uint8), levels.astype(np.float32) / np.float32(255)):
+        vaekit.compress(run, values, tmp_path / "x.vkz")
+        back = vaekit.decompress(tmp_path / "x.vkz", run)
+        assert back.dtype == values.dtype and back.tobytes() == values.tobytes()
+
+
+_MODELS: dict = {}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    likelihood=st.sampled_from(["bernoulli", "logistic-mixture"]),
+    height=st.integers(1, 5),
+    width=st.integers(1, 5),
+    count=st.integers(1, 40),
+    batch=st.integers(1, 12),
+    precision=st.integers(2, codec.MAX_PRECISION),
+    seed=st.integers(0, 2**31),
+)
+def test_property_round_trip_over_images_batches_and_precisions(likelihood, height, width, count, batch, precision,
+                                                                 seed):  # fmt: skip
+    """Any small images, batch size and latent precision: decode(encode(x)) == x."""
+    key = (likelihood, height, width)
+    if key not in _MODELS:
+        torch.manual_seed(seed)
+        _MODELS[key] = VAE((1, height, width), ModelConfig(hidden=[8], latent=2, likelihood=likelihood))
+    model = _MODELS[key]
+    levels = model.likelihood.levels
+    x = np.random.default_rng(seed).integers(0, levels, size=(count, 1, height, width))
+    coded, _ = codec.encode(model, x, precision, batch)
+    assert sum(coded.batches) == count and max(coded.batches) <= batch
+    back, _ = codec.decode(model, coded)
+    assert np.array_equal(back, x)
+
+
+def test_decoding_does_not_depend_on_the_thread_count(grey, tmp_path):
+    """Compressed with several threads, decompressed with one: the same data."""
+    data, run = grey
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        vaekit.compress(run, data, tmp_path / "d.vkz")
+        torch.set_num_threads(1)
+        back = vaekit.decompress(tmp_path / "d.vkz", run)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(back, np.load(data))
+
+
+def test_image_folder_round_trip_keeps_names_and_pixels(grey, tmp_path, capsys):
+    """A folder with sub-folders comes back with the same file names (JPEG ones as PNG) and the same pixels."""
+    _, run = grey
+    source = tmp_path / "scans"
+    names = []
+    for i, image in enumerate(DIGITS[:30] * 15):
+        name = f"{'ab'[i % 2]}/digit-{i:02d}.png"
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(source / name)
+        names.append(name)
+    code, _, err = run_cli(["compress", run, source, "-o", tmp_path / "scans.vkz", "-q"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["decompress", tmp_path / "scans.vkz", "--run", run, "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == sorted(names)
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / name)), np.asarray(Image.open(source / name)))
+    # Decompressing again into the now full folder is refused rather than mixing two outputs.
+    code, _, err = run_cli(["decompress", tmp_path / "scans.vkz", "--run", run, "-o", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err)
+
+
+def test_a_split_of_the_runs_data_round_trips(binary, tmp_path, capsys):
+    """`vaekit compress RUN test` codes the run's own test split; it decompresses to that split as an array."""
+    _, run = binary
+    code, _, err = run_cli(["compress", run, "test", "-o", tmp_path / "t.vkz", "-q"], capsys)
+    assert code == 0, err
+    back = vaekit.decompress(tmp_path / "t.vkz", run)
+    assert np.array_equal(back, vaekit.open_run(run).examples("test").x.numpy())
+
+
+def _corrupted(path: Path, tmp_path: Path) -> dict[str, Path]:
+    raw = path.read_bytes()
+    header = json.loads(raw[14 : 14 + int.from_bytes(raw[10:14], "little")])
+    middle = len(raw) - 32 - 4 * header["codec"]["words"] // 2
+    versions = {
+        "truncated": raw[: len(raw) // 2],
+        "truncated by a byte": raw[:-1],
+        "flipped payload byte": raw[:middle] + bytes([raw[middle] ^ 0x10]) + raw[middle + 1 :],
+        "flipped header byte": raw[:40] + bytes([raw[40] ^ 0x01]) + raw[41:],
+        "not a vkz file": b"PK\x03\x04" + raw[4:],
+        "empty": b"",
+    }
+    for name, data in versions.items():
+        (tmp_path / f"{name}.vkz").write_bytes(data)
+    return {name: tmp_path / f"{name}.vkz" for name in versions}
+
+
+def test_damaged_files_and_the_wrong_model_are_one_line_errors_with_no_output(binary, grey, tmp_path, capsys):
+    """A truncated file, one flipped byte, something else entirely, or another run's model: one line, exit 2, and no
+    output file."""
+    data, run = binary
+    assert run_cli(["compress", run, data, "-o", tmp_path / "good.vkz", "-q"], capsys)[0] == 0
+    cases = {name: ([path, "--run", run], "") for name, path in _corrupted(tmp_path / "good.vkz", tmp_path).items()}
+    cases["another model"] = ([tmp_path / "good.vkz", "--run", grey[1]], "another model")
+    for name, (argv, says) in cases.items():
+        out = tmp_path / f"out-{name}.npy"
+        code, _, err = run_cli(["decompress", *argv, "-o", out, "-q"], capsys)
+        assert_one_line_error(code, err)
+        assert says in err and not out.exists(), (name, err)
+
+
+def test_models_and_data_that_cannot_be_coded_are_refused(binary, tmp_path, capsys):
+    """A Gaussian likelihood, two stochastic layers, grey data for a binary model, another shape, NaN, a missing
+    input: one line, exit 2, no file."""
+    data, run = binary
+    gaussian = _untrained(tmp_path / "gaussian", (1, 8, 8), "gaussian")
+    two = tmp_path / "two"
+    two.mkdir()
+    save_model(VAE((1, 8, 8), ModelConfig(hidden=[16], latent=3, hidden2=[8], latent2=2)), two)
+    np.save(tmp_path / "grey.npy", DIGITS)
+    np.save(tmp_path / "wide.npy", np.zeros((4, 9, 9), np.uint8))
+    np.save(tmp_path / "nan.npy", np.full((4, 8, 8), np.nan, np.float32))
+    cases = {
+        "gaussian": ([gaussian, data], "continuous"),
+        "two layers": ([two, data], "one stochastic layer"),
+        "grey for binary": ([run, tmp_path / "grey.npy"], "0 or 1"),
+        "another shape": ([run, tmp_path / "wide.npy"], "(9, 9)"),
+        "nan": ([run, tmp_path / "nan.npy"], "NaN"),
+        "missing": ([run, tmp_path / "none.npy"], "not found"),
+        "precision": ([run, data, "--precision", "30"], "precision"),
+    }
+    for name, (argv, says) in cases.items():
+        code, _, err = run_cli(["compress", *argv, "-o", tmp_path / "x.vkz", "-q"], capsys)
+        assert_one_line_error(code, err)
+        assert says in err and not (tmp_path / "x.vkz").exists(), (name, err)
+
+
+def _mnist_test_images() -> np.ndarray:
+    path = SHARED / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        pytest.skip(f"MNIST not found at {path}")
+    return np.frombuffer(gzip.open(path).read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
+
+
+def test_mnist_test_set_round_trips(tmp_path):
+    """The 10,000 MNIST test images, 8-bit, through a logistic-mixture model: bit for bit."""
+    images = _mnist_test_images()
+    run = _untrained(tmp_path / "run", (1, 28, 28), "logistic-mixture", mixtures=2)
+    vaekit.compress(run, images, tmp_path / "m.vkz")
+    assert np.array_equal(vaekit.decompress(tmp_path / "m.vkz", run), images)
+
+
+def test_binarized_mnist_rate_is_within_one_percent_of_the_elbo(tmp_path):
+    """Static binarised MNIST's test set, with a model trained for one epoch: the payload rate is within 1% of the
+    model's -ELBO plus the initial bits."""
+    folder = SHARED / "binarized_mnist"
+    if not (folder / "binarized_mnist_test.amat.gz").exists():
+        pytest.skip(f"binarized MNIST not found in {folder}")
+    root = tmp_path / "data"
+    shutil.copytree(folder, root / "binarized_mnist")
+    run = vaekit.train("digits", tmp_path / "run", data="binarized-mnist", epochs=1, latent=20, hidden=[200],
+                       likelihood="bernoulli", verbose=False, **{"data.root": str(root)})  # fmt: skip
+    r = vaekit.compress(run, "test", tmp_path / "b.vkz", report=True)
+    expected = r["neg_elbo_bits_per_dim"] + r["initial_bits"] / r["dims"]
+    assert r["examples"] == 10_000 and abs(r["payload_bits_per_dim"] - expected) < 0.01 * expected, r
+    assert r["bits_per_dim"] < min(r["codecs"].values())
+    assert math.isclose(r["bits_per_dim"], 8 * (tmp_path / "b.vkz").stat().st_size / r["dims"])
