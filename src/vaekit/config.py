@@ -144,6 +144,19 @@ PRESETS: dict[str, dict[str, Any]] = {
             "likelihood": "bernoulli",
         },
     },
+    # Models for `vaekit compress` (see README: "Compression"). Static binarised MNIST, whose standard split holds
+    # out 10,000 validation images; early stopping on them, as the static binarisation overfits.
+    "compression": {
+        "data": {"name": "binarized-mnist"},
+        "model": {"hidden": [500, 500], "latent": 40, "likelihood": "bernoulli"},
+        "train": {"epochs": 50, "batch_size": 100, "patience": 10},
+    },
+    # 8-bit MNIST: a convolutional VAE with a mixture of five discretised logistics per pixel.
+    "compression-8bit": {
+        "data": {"name": "mnist", "validation": 5000},
+        "model": {"net": "conv", "channels": [32, 64], "hidden": [512], "latent": 32, "likelihood": "logistic-mixture"},
+        "train": {"epochs": 12, "batch_size": 100, "patience": 5},
+    },
 }
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
