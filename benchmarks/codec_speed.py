@@ -31,10 +31,11 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def images(data: Path, binary: bool, n: int) -> np.ndarray:
     """The first n test images: static binarised MNIST (0/1) or MNIST (0 to 255), as (n, 1, 28, 28) integers."""
     if binary:
-        x = np.loadtxt(gzip.open(data / "binarized_mnist" / "binarized_mnist_test.amat.gz"), dtype=np.int64)
+        with gzip.open(data / "binarized_mnist" / "binarized_mnist_test.amat.gz") as f:
+            x = np.loadtxt(f, dtype=np.int64)
     else:
-        raw = gzip.open(data / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").read()[16:]
-        x = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+        with gzip.open(data / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz") as f:
+            x = np.frombuffer(f.read()[16:], dtype=np.uint8).astype(np.int64)
     return x.reshape(-1, 1, 28, 28)[:n]
 
 

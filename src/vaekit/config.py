@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "compression-8bit": {
         "data": {"name": "mnist", "validation": 5000},
         "model": {"net": "conv", "channels": [32, 64], "hidden": [512], "latent": 32, "likelihood": "logistic-mixture"},
-        "train": {"epochs": 12, "batch_size": 100, "patience": 5},
+        "train": {"epochs": 14, "batch_size": 100, "patience": 5},
     },
 }
 
