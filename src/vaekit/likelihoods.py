@@ -243,13 +243,16 @@ class LogisticMixture(nn.Module):
         """P(x_d < b / 255 | params) at level boundaries b = 0 .. 256: the mixture of logistic distribution functions
         at the edges between levels, with the whole lower tail below level 0 and the upper tail above level 255."""
         log_w, means, log_scales = self._split(params)
-        axis = -len(self.shape) - 2  # the mixture axis, with the boundaries' axis last
-        b = boundaries.to(params.dtype).unsqueeze(axis) if boundaries.dim() > 1 else boundaries.to(params.dtype)
-        edge = (2 * b - 1) / self.BINS - 1
-        edge = torch.where(b == 0, -math.inf, torch.where(b == self.levels, math.inf, edge))
+        b = boundaries.to(params.dtype)
+        edge = torch.where(b == 0, -math.inf, torch.where(b == self.levels, math.inf, (2 * b - 1) / self.BINS - 1))
         inv_s = torch.exp(-log_scales).unsqueeze(-1)
-        cdf = torch.sigmoid_(torch.addcmul(-means.unsqueeze(-1) * inv_s, edge, inv_s))
-        return (cdf * log_w.exp().unsqueeze(-1)).sum(axis)
+        offset, weight = -means.unsqueeze(-1) * inv_s, log_w.exp().unsqueeze(-1)
+        # One component at a time: a working set of one component's values instead of all of them.
+        axis = -len(self.shape) - 2  # the mixture axis, with the boundaries' axis last
+        total = torch.zeros(())
+        for o, s, w in zip(offset.unbind(axis), inv_s.unbind(axis), weight.unbind(axis), strict=True):
+            total = torch.sigmoid_(torch.addcmul(o, edge, s)).mul_(w).add_(total)
+        return total
 
     def _log_mass(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log P(x_d | params) of every dimension d, broadcast over x and params: (..., B, *shape)."""

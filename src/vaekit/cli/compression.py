@@ -15,7 +15,7 @@ QUIET = arg("-q", "--quiet", action="store_true", help="no progress bar")
      "vaekit compress runs/mnist8 scans/ -o scans.vkz"),
     arg("input", metavar="INPUT", help="a .npy array, an image folder, or the run's train, valid or test split"),
     arg("-o", "--out", metavar="FILE.vkz", required=True, help="the compressed file to write"),
-    arg("--precision", type=int, default=16, help="bits per latent dimension: its buckets of equal prior mass"),
+    arg("--precision", type=int, default=12, help="bits per latent dimension: its buckets of equal prior mass"),
     arg("--batch-size", type=int, default=1000, help="the most examples coded in one step"),
     arg("--report", action="store_true",
         help="also decode to check and time it, and compare the rate with the model's -ELBO and gzip, bzip2, xz, PNG"),

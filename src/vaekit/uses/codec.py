@@ -28,6 +28,7 @@ from ..model import VAE
 # difference in the last bits of a float (another BLAS kernel, another thread count) rarely changes a table.
 GRID = 4096.0
 SEED_WORDS = 4096  # the stack starts on these pseudo-random words; the first latents are popped from them
+PRECISION = 12  # bits per latent dimension: rates at 10 to 18 bits differ by less than 0.2% on MNIST, time doubles
 MAX_PRECISION = 20  # constriction's probabilities have 24 bits; the uniform prior over buckets must fit in them
 TABLE_ELEMENTS = 1 << 25  # distribution-function values held at once: bounds the examples coded in one step
 
@@ -59,8 +60,8 @@ CDF = Callable[[torch.Tensor], torch.Tensor]  # boundaries b (..., K + 1) -> P(s
 
 class Stages:
     """Symbols of `bits` bits coded in two parts: the coarse part (the high bits), then the fine part (the low bits)
-    given the coarse one. Each table has at most 2**ceil(bits / 2) + 1 entries, built from a distribution function at
-    the parts' boundaries, so neither 2**16 latent buckets nor 256 pixel levels need a table of their full size."""
+    given the coarse one. Each table has at most 2**ceil(bits / 2) entries, built from a distribution function at the
+    parts' boundaries, so neither 2**precision latent buckets nor 256 pixel levels need a table of their full size."""
 
     def __init__(self, bits: int):
         import constriction
@@ -161,7 +162,7 @@ class _Coder:
 
 
 def encode(
-    model: VAE, levels: np.ndarray, precision: int = 16, batch_size: int = 1000, progress: bool = False
+    model: VAE, levels: np.ndarray, precision: int = PRECISION, batch_size: int = 1000, progress: bool = False
 ) -> tuple[Coded, float]:
     """Code examples given as integer levels (N, *shape) losslessly; also the seconds spent in the network."""
     import constriction

@@ -209,7 +209,7 @@ def compress(
     data: str | Path | np.ndarray,
     out: str | Path,
     *,
-    precision: int = 16,
+    precision: int = codec.PRECISION,
     batch_size: int = 1000,
     report: bool = False,
     progress: bool = False,
