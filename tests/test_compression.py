@@ -2,6 +2,7 @@
 model's -ELBO; the file format's checks; models that cannot code."""
 
 import gzip
+import hashlib
 import json
 import math
 import shutil
@@ -280,3 +281,86 @@ def test_binarized_mnist_rate_is_within_one_percent_of_the_elbo(tmp_path):
     assert r["examples"] == 10_000 and abs(r["payload_bits_per_dim"] - expected) < 0.01 * expected, r
     assert r["bits_per_dim"] < min(r["codecs"].values())
     assert math.isclose(r["bits_per_dim"], 8 * (tmp_path / "b.vkz").stat().st_size / r["dims"])
+
+
+def _resigned(good: Path, out: Path, change) -> Path:
+    """A copy of a .vkz file whose header JSON text is changed by change(text) and whose checksum is made to match:
+    what a crafted file looks like."""
+    raw = good.read_bytes()
+    length = int.from_bytes(raw[10:14], "little")
+    text = change(raw[14 : 14 + length].decode())
+    body = raw[:10] + len(text.encode()).to_bytes(4, "little") + text.encode() + raw[14 + length : -32]
+    out.write_bytes(body + hashlib.sha256(body).digest())
+    return out
+
+
+def _edit(**changes):
+    """A header change that sets fields of its parts: _edit(codec={"count": -1})."""
+
+    def change(text: str) -> str:
+        header = json.loads(text)
+        for part, fields in changes.items():
+            header[part].update(fields)
+        return json.dumps(header)
+
+    return change
+
+
+def test_crafted_headers_are_one_line_errors_with_no_output(binary, grey, tmp_path, capsys):
+    """A file with a valid checksum but a header that lies (counts, steps, shapes, types, file names that leave the
+    folder, deep nesting, another machine's tables) is refused with one line, exit 2, and writes nothing."""
+    data, run = binary
+    assert run_cli(["compress", run, data, "-o", tmp_path / "good.vkz", "-q"], capsys)[0] == 0
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(DIGITS[:3] * 15):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    assert run_cli(["compress", grey[1], folder, "-o", tmp_path / "folder.vkz", "-q"], capsys)[0] == 0
+    count = len(DIGITS)
+    cases = {
+        "infinite count": (binary, _edit(codec={"count": float("inf")}), "count"),
+        "negative step": (binary, _edit(codec={"count": -1, "batches": [-1]}), "coding step"),
+        "steps that do not add up": (binary, _edit(codec={"batches": [1, 4, 0]}), "coding step"),
+        "one huge step": (binary, _edit(codec={"count": 10**9, "batches": [10**9]}), "coding step"),
+        "shape of another size": (binary, _edit(data={"shape": [count, 2, 2]}), "does not fit"),
+        "shape as text": (binary, _edit(data={"shape": "abc"}), "not a shape"),
+        "unknown dtype": (binary, _edit(data={"dtype": "foo"}), "not a NumPy type"),
+        "text scale": (binary, _edit(data={"scale": "x"}), "cannot hold"),
+        "another layout, same size": (binary, _edit(data={"shape": [count, 64]}), "does not decode"),
+        "deep nesting": (binary, lambda t: t[:-1] + ',"x":' + "[" * 100_000 + "]" * 100_000 + "}", "header"),
+        "no model part": (binary, lambda t: json.dumps({"data": {}, "codec": {}}), "lacks"),
+        "other machine": (binary, _edit(data={"sha256": "0" * 64}, environment={"torch": "0.0", "cpu": "NEON"}),
+                          "same software"),
+        "name outside": (grey, _edit(data={"names": ["../../escaped.png", "a.png", "/tmp/absolute.png"]}), "outside"),
+        "names colliding": (grey, _edit(data={"names": ["a.jpg", "a.jpg.png", "b.png"]}), "both be written"),
+        "too few names": (grey, _edit(data={"names": ["a.png"]}), "names 1 files"),
+    }  # fmt: skip
+    for name, ((_, model_run), change, says) in cases.items():
+        source = tmp_path / ("folder.vkz" if model_run == grey[1] else "good.vkz")
+        crafted = _resigned(source, tmp_path / "crafted.vkz", change)
+        out = tmp_path / "out" / "x"
+        code, _, err = run_cli(["decompress", crafted, "--run", model_run, "-o", out, "-q"], capsys)
+        assert_one_line_error(code, err)
+        assert says in err, (name, err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.png").exists(), name
+
+
+def test_folders_whose_names_would_collide_are_refused(grey, tmp_path, capsys):
+    """c.jpg comes back as c.jpg.png, so a folder that also holds c.jpg.png cannot be written back: refused."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.fromarray(DIGITS[0] * 15).save(folder / "c.jpg", quality=100)
+    Image.fromarray(DIGITS[1] * 15).save(folder / "c.jpg.png")
+    code, _, err = run_cli(["compress", grey[1], folder, "-o", tmp_path / "c.vkz"], capsys)
+    assert_one_line_error(code, err)
+    assert "c.jpg.png" in err and not (tmp_path / "c.vkz").exists()
+
+
+def test_floats_in_the_unit_interval_are_8bit_levels_even_when_all_0_or_1(tmp_path):
+    """Images scaled to [0, 1] that happen to hold only 0.0 and 1.0 are levels 0 and 255 for an 8-bit model."""
+    run = _untrained(tmp_path / "run", (1, 4, 4), "logistic-mixture")
+    values = np.random.default_rng(2).integers(0, 2, size=(30, 4, 4)).astype(np.float32)
+    vaekit.compress(run, values, tmp_path / "x.vkz")
+    header, _ = compression.read_file(tmp_path / "x.vkz")
+    assert header["data"]["scale"] == 255
+    assert vaekit.decompress(tmp_path / "x.vkz", run).tobytes() == values.tobytes()

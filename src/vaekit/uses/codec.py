@@ -25,9 +25,9 @@ from ..likelihoods import DiscreteLikelihood
 from ..model import VAE
 
 # Network outputs are rounded to multiples of 1 / GRID before any probability is computed from them, so that a
-# difference in the last bits of a float (another BLAS kernel, another thread count) rarely changes a table.
+# difference in the last bits of a matrix product (another thread count, another blocking) rarely changes a table.
 GRID = 4096.0
-SEED_WORDS = 4096  # the stack starts on these pseudo-random words; the first latents are popped from them
+SEED_WORDS = 4096  # the stack starts on at least these pseudo-random words; the first latents are popped from them
 PRECISION = 12  # bits per latent dimension: rates at 10 to 18 bits differ by less than 0.2% on MNIST, time doubles
 MAX_PRECISION = 20  # constriction's probabilities have 24 bits; the uniform prior over buckets must fit in them
 TABLE_ELEMENTS = 1 << 25  # distribution-function values held at once: bounds the examples coded in one step
@@ -41,18 +41,33 @@ class Coded:
     count: int  # examples
     precision: int  # bits per latent dimension
     batches: list[int] = field(default_factory=list)  # examples per coding step, in encoding order
+    seed: int = SEED_WORDS  # words the stack started on
     seed_skipped: int = 0  # words of the seed that stayed untouched at the bottom of the stack and are not stored
 
     @property
     def initial_bits(self) -> int:
         """Bits of the seed the first steps consumed: the cost of starting the chain, paid once per message."""
-        return 32 * (SEED_WORDS - self.seed_skipped)
+        return 32 * (self.seed - self.seed_skipped)
 
 
-def seed_words() -> np.ndarray:
-    """The fixed pseudo-random words the stack starts on (the same on every machine)."""
-    words = np.frombuffer(hashlib.shake_256(b"vaekit bits-back seed").digest(4 * SEED_WORDS), dtype="<u4")
+def seed_size(latent: int, precision: int) -> int:
+    """Words of seed for a model: enough for the first example's latents twice over, and at least SEED_WORDS."""
+    return max(SEED_WORDS, 2 * latent * precision // 32 + 64)
+
+
+def seed_words(n: int) -> np.ndarray:
+    """The first n of the fixed pseudo-random words the stack starts on (the same on every machine)."""
+    words = np.frombuffer(hashlib.shake_256(b"vaekit bits-back seed").digest(4 * n), dtype="<u4")
     return np.maximum(words.astype(np.uint32), 1)  # the coder's top word must not be zero
+
+
+def step_limit(model: VAE, requested: int | None = None) -> int:
+    """The most examples coded in one step: as requested, within the memory the probability tables may take."""
+    likelihood = check_model(model)
+    bits = likelihood.levels.bit_length() - 1
+    boundaries = (1 << (bits - bits // 2)) + 1
+    limit = max(1, TABLE_ELEMENTS // (math.prod(likelihood.params_shape()) * boundaries))
+    return limit if requested is None else max(1, min(requested, limit))
 
 
 CDF = Callable[[torch.Tensor], torch.Tensor]  # boundaries b (..., K + 1) -> P(symbol < b), broadcast over values
@@ -136,12 +151,6 @@ class _Coder:
         self.prior = constriction.stream.model.Uniform(1 << precision)
         self.network_seconds = 0.0
 
-    def batch_limit(self, requested: int) -> int:
-        """The most examples coded in one step: as requested, within the memory the probability tables may take."""
-        boundaries = (1 << (self.levels.bits - self.levels.fine_bits)) + 1
-        per_example = math.prod(self.likelihood.params_shape()) * boundaries
-        return max(1, min(requested, TABLE_ELEMENTS // per_example))
-
     @torch.no_grad()
     def posterior(self, x: np.ndarray) -> CDF:
         """q(z|x)'s distribution function over the latent buckets of examples given as integer levels."""
@@ -171,8 +180,9 @@ def encode(
     coder = _Coder(model, precision)
     if levels.shape[1:] != coder.shape:
         raise VaekitError(f"examples of shape {levels.shape[1:]} given to a model of shape {coder.shape}")
-    limit = coder.batch_limit(batch_size)
-    ans = constriction.stream.stack.AnsCoder(seed_words())
+    limit = step_limit(model, batch_size)
+    seed = seed_words(seed_size(coder.latent, precision))
+    ans = constriction.stream.stack.AnsCoder(seed)
     start_bits = ans.num_valid_bits()
     batches: list[int] = []
     done = 0
@@ -185,7 +195,9 @@ def encode(
         x = levels[done : done + n]
         index = coder.buckets.pop(ans, coder.posterior(x), (n, coder.latent))
         if ans.num_valid_bits() < 64:
-            raise VaekitError("the seed of the bits-back chain ran out: use a smaller batch size")
+            raise VaekitError(
+                "the seed of the bits-back chain ran out (posteriors wider than the prior): lower --precision"
+            )
         coder.levels.push(ans, coder.likelihood_given(index), x)
         ans.encode_reverse(index.reshape(-1).astype(np.int32), coder.prior)
         batches.append(n)
@@ -193,10 +205,9 @@ def encode(
         bar.update(n)
     bar.close()
     words = ans.get_compressed()
-    seed = seed_words()
     differ = np.flatnonzero(words[: len(seed)] != seed[: len(words)])
     skipped = int(differ[0]) if len(differ) else min(len(seed), len(words))
-    return Coded(words[skipped:].copy(), len(levels), precision, batches, skipped), coder.network_seconds
+    return Coded(words[skipped:].copy(), len(levels), precision, batches, len(seed), skipped), coder.network_seconds
 
 
 def decode(model: VAE, coded: Coded, progress: bool = False) -> tuple[np.ndarray, float]:
@@ -205,7 +216,8 @@ def decode(model: VAE, coded: Coded, progress: bool = False) -> tuple[np.ndarray
     from tqdm.auto import tqdm
 
     coder = _Coder(model, coded.precision)
-    ans = constriction.stream.stack.AnsCoder(np.concatenate([seed_words()[: coded.seed_skipped], coded.words]))
+    seed = seed_words(coded.seed)
+    ans = constriction.stream.stack.AnsCoder(np.concatenate([seed[: coded.seed_skipped], coded.words]))
     levels = np.empty((coded.count, *coder.shape), dtype=np.int64)
     end = coded.count
     bar = tqdm(total=coded.count, unit="img", desc="decompress", disable=not progress or None, leave=False)
@@ -217,6 +229,6 @@ def decode(model: VAE, coded: Coded, progress: bool = False) -> tuple[np.ndarray
         end -= n
         bar.update(n)
     bar.close()
-    if end != 0 or not np.array_equal(ans.get_compressed(), seed_words()):
+    if end != 0 or not np.array_equal(ans.get_compressed(), seed):
         raise VaekitError("the compressed data do not decode to a complete message: the file is corrupt")
     return levels, coder.network_seconds

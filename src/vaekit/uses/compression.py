@@ -21,7 +21,7 @@ import shutil
 import struct
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -59,8 +59,10 @@ def _to_levels(a: np.ndarray, levels: int, shape: tuple[int, ...], what: str) ->
         raise VaekitError(f"{what} has shape {a.shape}; compression takes a non-empty array of examples")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise VaekitError(f"{what} holds NaN or infinite values")
-    # Floats hold levels either as they are (0, 1, 2, ...) or scaled to [0, 1] (k / (levels - 1)).
-    scale = levels - 1 if a.dtype.kind == "f" and not np.array_equal(a, np.round(a)) else 1
+    # Floats hold levels either as they are (0, 1, 2, ...) or scaled to [0, 1] (k / (levels - 1)); for 8-bit data,
+    # floats within [0, 1] are read as scaled even when they are all 0 and 1.
+    scaled = a.dtype.kind == "f" and levels > 2 and (a.max() <= 1 or not np.array_equal(a, np.round(a)))
+    scale = levels - 1 if scaled else 1
     values = np.rint(a * scale) if a.dtype.kind == "f" else a
     if values.min() < 0 or values.max() > levels - 1:
         kind = "0 or 1 (a binary model)" if levels == 2 else f"0 to {levels - 1} (an 8-bit model)"
@@ -89,8 +91,9 @@ def _restore(x: np.ndarray, layout: dict[str, Any]) -> np.ndarray:
 
 
 def _digest(values: np.ndarray, names: list[str] | None) -> str:
-    """SHA-256 of the data as restored: the array's bytes, and for folders the file names."""
-    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes())
+    """SHA-256 of the data as restored: the array's dtype, shape and bytes, and for folders the file names."""
+    digest = hashlib.sha256(f"{values.dtype.str}{values.shape}".encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
     if names is not None:
         digest.update("\0".join(names).encode("utf-8"))
     return digest.hexdigest()
@@ -111,6 +114,7 @@ def _read_input(run: Run, data: str | Path | np.ndarray, levels: int) -> tuple[n
         if levels == 2 and not np.isin(values, (0, 255)).all():
             raise VaekitError(f"{path} holds grey pixels; this model codes black-and-white images (0 and 255)")
         x = (values // 255 if levels == 2 else values).astype(np.int64)
+        _output_names(names)
         return x, {"form": "folder", "names": names, "count": len(x), "sha256": _digest(values, names)}
     if path.suffix.lower() == ".npy" and path.is_file():
         try:
@@ -123,9 +127,25 @@ def _read_input(run: Run, data: str | Path | np.ndarray, levels: int) -> tuple[n
         a = run.examples(str(data)).x.numpy()
         x, layout = _to_levels(a, levels, shape, f"the {data} split of {run.config.data.name}")
         return x, {"form": "npy", **layout, "sha256": _digest(a, None)}
-    raise VaekitError(
-        f"{data}: not found; give a .npy file, an image folder or a split of the run's data ({', '.join(SPLITS)})"
-    )
+    what = f"cannot compress {data}" if path.exists() else f"{data}: not found"
+    raise VaekitError(f"{what}; give a .npy file, an image folder or a split of the run's data ({', '.join(SPLITS)})")
+
+
+def _output_names(names: list[str]) -> list[str]:
+    """The file names a folder's images are written back under (PNG), refusing names that would leave the folder
+    or land on one another."""
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name or "\\" in name or "\0" in name or not name.isprintable():
+            raise VaekitError(f"the file name {name!r} cannot be written back")
+        parts = PurePosixPath(name).parts
+        if PurePosixPath(name).is_absolute() or any(p in ("..", ".") for p in parts):
+            raise VaekitError(f"the file name {name!r} leads outside the folder")
+        out.append(name if name.lower().endswith(".png") else name + ".png")
+    if len(set(out)) != len(out):
+        twice = next(n for n in out if out.count(n) > 1)
+        raise VaekitError(f"two images would both be written back as {twice}; rename one")
+    return out
 
 
 def _write_file(path: Path, header: dict[str, Any], words: np.ndarray) -> int:
@@ -157,7 +177,7 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], np.ndarray]:
     try:
         header = json.loads(raw[start : start + length].decode("utf-8"))
         words = np.frombuffer(raw[start + length : -32], dtype="<u4").astype(np.uint32)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise VaekitError(f"{path} has an unreadable header: {e}") from None
     return header, words
 
@@ -181,11 +201,8 @@ def _standard_codecs(x: np.ndarray, levels: int, image: bool) -> dict[str, float
     if image:
         n, c, h, w = x.shape
         tall = values.transpose(0, 2, 3, 1).reshape(n * h, w, c)  # every image under the one before
-        picture = (
-            Image.fromarray(tall[..., 0] * 255, "L").convert("1")
-            if levels == 2
-            else Image.fromarray(tall.squeeze(-1) if c == 1 else tall)
-        )
+        pixels = (tall[..., 0] if c == 1 else tall) * (255 // (levels - 1))
+        picture = Image.fromarray(pixels).convert("1") if levels == 2 and c == 1 else Image.fromarray(pixels)
         buffer = io.BytesIO()
         picture.save(buffer, "PNG", optimize=True)
         bits["PNG (optimised)"] = 8 * len(buffer.getvalue())
@@ -202,6 +219,14 @@ def _neg_elbo(model: VAE, x: np.ndarray, levels: int) -> float:
                 log_weights(model, batch.float() / (levels - 1), 1, analytic=True, generator=g).double().sum().item()
             )
     return total / (x.size * math.log(2))
+
+
+def _environment() -> dict[str, str]:
+    """What computed the probability tables: decoding is reliable where these are the same."""
+    from importlib.metadata import version
+
+    return {"torch": torch.__version__, "constriction": version("constriction"),
+            "cpu": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 
 
 def compress(
@@ -224,29 +249,17 @@ def compress(
     start = time.perf_counter()
     coded, network = codec.encode(run.model, x, precision, batch_size, progress)
     seconds = time.perf_counter() - start
-    header = {
-        "model": {"sha256": model_fingerprint(run), "likelihood": run.model.config.likelihood,
-                  "latent": run.model.config.latent, "shape": list(run.model.shape)},
-        "data": form,
-        "codec": {"method": "bits-back ANS (constriction AnsCoder, 32-bit words, 24-bit probabilities)",
-                  "precision": precision, "levels": likelihood.levels, "grid": codec.GRID, "count": coded.count,
-                  "batches": coded.batches, "seed_words": codec.SEED_WORDS, "seed_skipped": coded.seed_skipped,
-                  "words": len(coded.words)},
-    }  # fmt: skip
-    size = _write_file(Path(out), header, coded.words)
     dims = x.size
     result: dict[str, Any] = {
         "examples": len(x),
         "dims": dims,
-        "bytes": size,
-        "bits_per_dim": 8 * size / dims,
         "payload_bits_per_dim": 32 * len(coded.words) / dims,
         "initial_bits": coded.initial_bits,
         "compress_seconds": seconds,
         "compress_per_second": len(x) / seconds,
         "network_share": network / seconds,
     }
-    if report:
+    if report:  # checked before the file is written, so that a failed check leaves no file
         start = time.perf_counter()
         decoded, _ = codec.decode(run.model, coded, progress)
         result["decompress_seconds"] = time.perf_counter() - start
@@ -255,11 +268,23 @@ def compress(
             raise VaekitError("the compressed data did not decode to the input: please report this as a bug")
         result["neg_elbo_bits_per_dim"] = _neg_elbo(run.model, x, likelihood.levels)
         result["codecs"] = _standard_codecs(x, likelihood.levels, len(x.shape) == 4)
+    header = {
+        "model": {"sha256": model_fingerprint(run), "likelihood": run.model.config.likelihood,
+                  "latent": run.model.config.latent, "shape": list(run.model.shape)},
+        "data": form,
+        "codec": {"method": "bits-back ANS (constriction AnsCoder, 32-bit words, 24-bit probabilities)",
+                  "precision": precision, "levels": likelihood.levels, "grid": codec.GRID, "count": coded.count,
+                  "batches": coded.batches, "seed_words": coded.seed, "seed_skipped": coded.seed_skipped,
+                  "words": len(coded.words)},
+        "environment": _environment(),
+    }  # fmt: skip
+    size = _write_file(Path(out), header, coded.words)
+    result.update(bytes=size, bits_per_dim=8 * size / dims)
     return result
 
 
 def _write_folder(out: Path, values: np.ndarray, names: list[str]) -> None:
-    """Write images (N, C, H, W, uint8) as PNG files under their names into a new folder, all or nothing."""
+    """Write images (N, C, H, W, uint8) as PNG files under the given names into a new folder, all or nothing."""
     from PIL import Image
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -268,7 +293,7 @@ def _write_folder(out: Path, values: np.ndarray, names: list[str]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         for image, name in zip(values, names, strict=True):
-            target = tmp / (name if name.lower().endswith(".png") else name + ".png")
+            target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(target, "PNG")
         with contextlib.suppress(FileNotFoundError):
@@ -281,6 +306,63 @@ def _write_folder(out: Path, values: np.ndarray, names: list[str]) -> None:
         raise
 
 
+def _integer(value: Any, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise VaekitError(f"{what} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _check_header(header: Any, words: np.ndarray, model: VAE) -> tuple[codec.Coded, dict[str, Any]]:
+    """What decoding needs from a header, every field checked against the model and the payload."""
+    if not isinstance(header, dict) or not all(isinstance(header.get(k), dict) for k in ("model", "data", "codec")):
+        raise VaekitError("the header lacks its model, data or codec part")
+    form, c, levels = header["data"], header["codec"], codec.check_model(model).levels
+    precision = _integer(c.get("precision"), 2, codec.MAX_PRECISION, "the precision")
+    seed = _integer(c.get("seed_words"), 1, 1 << 30, "the seed size")
+    if seed != codec.seed_size(model.config.latent, precision) or c.get("levels") != levels:
+        raise VaekitError("the codec settings do not fit this model")
+    batches, limit = c.get("batches"), codec.step_limit(model)
+    if not isinstance(batches, list) or not batches:
+        raise VaekitError("the header has no coding steps")
+    batches = [_integer(n, 1, limit, "a coding step") for n in batches]
+    count = _integer(c.get("count"), 1, sum(batches), "the example count")
+    if count != sum(batches) or c.get("words") != len(words):
+        raise VaekitError("the header's counts do not match the file")
+    coded = codec.Coded(words, count, precision, batches, seed, _integer(c.get("seed_skipped"), 0, seed, "the seed"))
+    if not isinstance(form.get("sha256"), str):
+        raise VaekitError("the header has no checksum of the data")
+    if form.get("form") == "folder":
+        names = form.get("names")
+        if not isinstance(names, list) or len(names) != count:
+            raise VaekitError(
+                f"the header names {len(names) if isinstance(names, list) else 0} files for {count} images"
+            )
+        _output_names(names)
+    elif form.get("form") in ("array", "npy"):
+        shape = form.get("shape")
+        if not isinstance(shape, list) or len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise VaekitError(f"the header's data shape {shape!r} is not a shape")
+        if (
+            shape[0] != count
+            or math.prod(shape[1:]) != math.prod(model.shape)
+            or form.get("channels_last")
+            not in (
+                len(shape) == 4,
+                False,
+            )
+        ):
+            raise VaekitError(f"the header's data shape {shape} does not fit {count} examples of shape {model.shape}")
+        try:
+            dtype = np.dtype(form.get("dtype"))
+        except TypeError:
+            raise VaekitError(f"the header's dtype {form.get('dtype')!r} is not a NumPy type") from None
+        if dtype.kind not in "biuf" or form.get("scale") not in (1, levels - 1):
+            raise VaekitError(f"the header's dtype {dtype} or scale {form.get('scale')!r} cannot hold the data")
+    else:
+        raise VaekitError(f"unknown data form {form.get('form')!r}")
+    return coded, form
+
+
 def decompress(
     path: str | Path, run: Run | str | Path, out: str | Path | None = None, progress: bool = False
 ) -> np.ndarray:
@@ -288,31 +370,33 @@ def decompress(
     folder of PNG files for a compressed folder) if given."""
     run = open_run(run)
     header, words = read_file(path)
+    model = header.get("model") if isinstance(header, dict) else None
+    if isinstance(model, dict) and model.get("sha256") != model_fingerprint(run):
+        raise VaekitError(f"{path} was compressed with another model; decompress it with the run that made it")
     try:
-        model, form, c = header["model"], header["data"], header["codec"]
-        if model["sha256"] != model_fingerprint(run):
-            raise VaekitError(f"{path} was compressed with another model; decompress it with the run that made it")
-        coded = codec.Coded(words, int(c["count"]), int(c["precision"]), [int(n) for n in c["batches"]],
-                            int(c["seed_skipped"]))  # fmt: skip
-        if (
-            sum(coded.batches) != coded.count
-            or len(words) != c["words"]
-            or form["form"] not in ("array", "npy", "folder")
-        ):
-            raise ValueError("inconsistent header")
-    except (KeyError, TypeError, ValueError) as e:
-        raise VaekitError(f"{path} has an invalid header ({e})") from None
-    levels, _ = codec.decode(run.model, coded, progress)
-    names = form.get("names") if form["form"] == "folder" else None
-    if names is not None:
-        values = (levels * 255 if c["levels"] == 2 else levels).astype(np.uint8)
-    else:
-        values = _restore(levels, form)
-    if _digest(values, names) != form["sha256"]:
-        raise VaekitError(f"{path} decoded to data that fail the original's checksum; nothing was written")
+        coded, form = _check_header(header, words, run.model)
+    except VaekitError as e:
+        raise VaekitError(f"{path} has an invalid header: {e}") from None
+    names = form["names"] if form["form"] == "folder" else None
+    try:
+        levels, _ = codec.decode(run.model, coded, progress)
+        if names is not None:
+            values = (levels * (255 // (codec.check_model(run.model).levels - 1))).astype(np.uint8)
+        else:
+            values = _restore(levels, form)
+        ok = _digest(values, names) == form["sha256"]
+    except VaekitError:
+        ok = False
+    if not ok:
+        made, here = header.get("environment"), _environment()
+        why = "the file is corrupt"
+        if made != here:
+            why = (f"it was compressed with {made} and this machine has {here}: compressed files decode reliably "
+                   "only with the same software on the same kind of CPU")  # fmt: skip
+        raise VaekitError(f"{path} does not decode to the original data ({why}); nothing was written")
     if out is not None:
         if names is not None:
-            _write_folder(Path(out), values, names)
+            _write_folder(Path(out), values, _output_names(names))
         else:
             with atomic_path(out) as tmp, open(tmp, "wb") as f:
                 np.save(f, values, allow_pickle=False)
