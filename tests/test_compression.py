@@ -233,12 +233,14 @@ def test_models_and_data_that_cannot_be_coded_are_refused(binary, tmp_path, caps
     two.mkdir()
     save_model(VAE((1, 8, 8), ModelConfig(hidden=[16], latent=3, hidden2=[8], latent2=2)), two)
     np.save(tmp_path / "grey.npy", DIGITS)
+    np.save(tmp_path / "grey-floats.npy", DIGITS / np.float32(16))
     np.save(tmp_path / "wide.npy", np.zeros((4, 9, 9), np.uint8))
     np.save(tmp_path / "nan.npy", np.full((4, 8, 8), np.nan, np.float32))
     cases = {
         "gaussian": ([gaussian, data], "continuous"),
         "two layers": ([two, data], "one stochastic layer"),
         "grey for binary": ([run, tmp_path / "grey.npy"], "0 or 1"),
+        "grey floats for binary": ([run, tmp_path / "grey-floats.npy"], "other than 0 and 1"),
         "another shape": ([run, tmp_path / "wide.npy"], "(9, 9)"),
         "nan": ([run, tmp_path / "nan.npy"], "NaN"),
         "missing": ([run, tmp_path / "none.npy"], "not found"),

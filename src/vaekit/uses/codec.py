@@ -178,6 +178,7 @@ def encode(
     from tqdm.auto import tqdm
 
     coder = _Coder(model, precision)
+    levels = np.ascontiguousarray(levels, dtype=np.int64)  # the layout decode produces, so the network sees the same
     if levels.shape[1:] != coder.shape:
         raise VaekitError(f"examples of shape {levels.shape[1:]} given to a model of shape {coder.shape}")
     limit = step_limit(model, batch_size)

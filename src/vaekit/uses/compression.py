@@ -64,6 +64,8 @@ def _to_levels(a: np.ndarray, levels: int, shape: tuple[int, ...], what: str) ->
     scaled = a.dtype.kind == "f" and levels > 2 and (a.max() <= 1 or not np.array_equal(a, np.round(a)))
     scale = levels - 1 if scaled else 1
     values = np.rint(a * scale) if a.dtype.kind == "f" else a
+    if levels == 2 and a.dtype.kind == "f" and not np.array_equal(values, a):
+        raise VaekitError(f"{what} holds values other than 0 and 1; this model codes binary data")
     if values.min() < 0 or values.max() > levels - 1:
         kind = "0 or 1 (a binary model)" if levels == 2 else f"0 to {levels - 1} (an 8-bit model)"
         raise VaekitError(f"{what} holds values from {a.min()} to {a.max()}; this model codes {kind}")
