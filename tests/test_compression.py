@@ -366,3 +366,15 @@ def test_floats_in_the_unit_interval_are_8bit_levels_even_when_all_0_or_1(tmp_pa
     header, _ = compression.read_file(tmp_path / "x.vkz")
     assert header["data"]["scale"] == 255
     assert vaekit.decompress(tmp_path / "x.vkz", run).tobytes() == values.tobytes()
+
+
+@pytest.mark.parametrize("name", ["compression", "compression-8bit"])
+def test_compression_presets_build_models_that_code(name):
+    """The compression presets resolve, build on MNIST's shape and can code data (a discrete likelihood, one layer)."""
+    cfg = vaekit.make_config(name)
+    model = VAE((1, 28, 28), cfg.model)
+    levels = codec.check_model(model).levels
+    assert levels == (2 if cfg.model.likelihood == "bernoulli" else 256)
+    x = np.random.default_rng(0).integers(0, levels, size=(3, 1, 28, 28))
+    coded, _ = codec.encode(model, x)
+    assert np.array_equal(codec.decode(model, coded)[0], x)
