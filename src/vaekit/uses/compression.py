@@ -344,15 +344,9 @@ def _check_header(header: Any, words: np.ndarray, model: VAE) -> tuple[codec.Cod
         shape = form.get("shape")
         if not isinstance(shape, list) or len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
             raise VaekitError(f"the header's data shape {shape!r} is not a shape")
-        if (
-            shape[0] != count
-            or math.prod(shape[1:]) != math.prod(model.shape)
-            or form.get("channels_last")
-            not in (
-                len(shape) == 4,
-                False,
-            )
-        ):
+        channels_last = form.get("channels_last")
+        wrong_layout = not isinstance(channels_last, bool) or (channels_last and len(shape) != 4)
+        if shape[0] != count or math.prod(shape[1:]) != math.prod(model.shape) or wrong_layout:
             raise VaekitError(f"the header's data shape {shape} does not fit {count} examples of shape {model.shape}")
         try:
             dtype = np.dtype(form.get("dtype"))
