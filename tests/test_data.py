@@ -261,6 +261,28 @@ def test_bad_npy_files_raise_vaekit_error(tmp_path, write):
         load_data(DataConfig(name=str(path)))
 
 
+def _npz_with_bad_crc(path: Path) -> None:
+    """An .npz whose member's bytes were changed after its CRC was written."""
+    np.savez(path, x=np.full((10, 4), 0.25))
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"x.npy") + 200] ^= 0xFF  # inside the stored member's data
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "write",
+    [lambda p: np.savez(p, x=np.array([{}] * 60, dtype=object)), _npz_with_bad_crc],
+    ids=["object-member", "member-with-bad-crc"],
+)
+def test_bad_npz_members_raise_vaekit_error(tmp_path, write):
+    """A member that cannot be read (an object array, which would need unpickling, or one with a bad checksum) is a
+    VaekitError, not a traceback from deep inside numpy or zipfile."""
+    path = tmp_path / "bad.npz"
+    write(path)
+    with pytest.raises(VaekitError, match="bad.npz"):
+        load_data(DataConfig(name=str(path)))
+
+
 def test_missing_npy_file_raises_vaekit_error(tmp_path):
     """A .npy path that does not exist raises VaekitError naming it."""
     path = tmp_path / "missing.npy"
@@ -427,3 +449,28 @@ def test_image_modes_keep_their_values(tmp_path):
         (round(10 / 255, 4), round(20 / 255, 4), round(30 / 255, 4)),
     }
     assert colours == expected
+
+
+def test_an_image_over_pillows_size_bound_is_a_vaekit_error(tmp_path, monkeypatch):
+    """An image far above Pillow's pixel bound (a decompression bomb) is refused by name, not with Pillow's error."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("L", (30, 30)).save(tmp_path / "big.png")
+    with pytest.raises(VaekitError, match="big.png"):
+        load_data(DataConfig(name=str(tmp_path), image_size=8))
+
+
+def test_a_damaged_mnist_archive_leaves_nothing_behind(mnist_root):
+    """An archive that is not gzip is refused and leaves no empty unpacked file, so putting the good archive back is
+    enough; a leftover empty file from before is unpacked anew."""
+    raw = mnist_root / "MNIST" / "raw"
+    for unpacked in raw.glob("*-ubyte"):
+        unpacked.unlink()
+    good = (raw / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    cfg = DataConfig(name="mnist", root=str(mnist_root), download=False)
+    with pytest.raises(VaekitError, match="t10k-images"):
+        load_data(cfg)
+    assert not (raw / "t10k-images-idx3-ubyte").exists()
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(good)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"")  # as an older version could leave it
+    assert load_data(cfg).split("test").x.shape == (10_000, 1, 28, 28)

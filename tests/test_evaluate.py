@@ -435,3 +435,16 @@ def test_cli_evaluate_bad_input_is_one_line_and_exit_2(case, pristine_run, tmp_p
         assert not run.exists()
     else:
         assert not list(run.glob("evaluation*"))
+
+
+def test_evaluate_refuses_a_model_with_nan_weights_and_writes_nothing(pristine_run, tmp_path, capsys):
+    """NaN weights give NaN results, which JSON cannot hold: one line, exit 2, and neither evaluation file."""
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(pristine_run, tmp_path)
+    weights = load_file(run / "model.safetensors")
+    save_file({k: torch.full_like(v, math.nan) for k, v in weights.items()}, run / "model.safetensors")
+    assert main(["evaluate", str(run), "--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "NaN" in err, err
+    assert not (run / "evaluation.json").exists() and not (run / "evaluation.npz").exists()

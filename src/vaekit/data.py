@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from .config import DataConfig
 from .errors import VaekitError
+from .files import read_arrays
 from .images import read_folder
 from .tables import Scaler, read_csv
 
@@ -86,10 +86,14 @@ def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Spli
         from torchvision.datasets.utils import extract_archive
 
         for filename, _ in cls.resources:
-            if (raw / filename).exists() and not (raw / Path(filename).stem).exists():
+            unpacked = raw / Path(filename).stem
+            if unpacked.exists() and unpacked.stat().st_size == 0:
+                unpacked.unlink()  # left by a failed unpacking: unpack again
+            if (raw / filename).exists() and not unpacked.exists():
                 try:
                     extract_archive(str(raw / filename), str(raw))
                 except (OSError, EOFError) as e:
+                    unpacked.unlink(missing_ok=True)  # a half-written file would hide the archive next time
                     raise VaekitError(f"cannot unpack {raw / filename}: {e}") from None
     splits = {}
     for split, train in (("train", True), ("test", False)):
@@ -209,15 +213,8 @@ def _labels(a: np.ndarray | None, n: int, what: str) -> torch.Tensor | None:
 
 def _arrays(path: Path) -> dict[str, Split]:
     """The arrays of a .npy or .npz file: its x_train / x_test splits, or all its examples as the split 'all'."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise VaekitError(f"cannot read {path} as a NumPy array file: {str(e).splitlines()[0]}") from None
-    if isinstance(loaded, np.ndarray):
-        arrays = {"x": loaded}
-    else:
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
+    loaded = read_arrays(path)
+    arrays = {"x": loaded} if isinstance(loaded, np.ndarray) else loaded
     if "x_train" in arrays:
         splits = {}
         for split in ("train", "test"):

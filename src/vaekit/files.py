@@ -7,6 +7,8 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,34 @@ def read_json(path: str | Path, missing: str) -> Any:
         raise VaekitError(missing) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VaekitError(f"cannot read {path}: {e}") from None
+
+
+def read_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of a .npy file, or every member of a .npz file, read whole; any failure (a missing or damaged file,
+    a member with a bad checksum, an object array, which would need unpickling) is a VaekitError."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except FileNotFoundError:
+        raise VaekitError(f"file not found: {path}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise VaekitError(f"cannot read {path} as a NumPy array file: {str(e).splitlines()[0]}") from None
+
+
+def json_text(value: Any, path: str | Path, indent: int | None = 2) -> str:
+    """value as JSON text for the file path; NaN and infinity, which JSON cannot hold, are a VaekitError."""
+    try:
+        return json.dumps(value, indent=indent, allow_nan=False) + "\n"
+    except ValueError:
+        raise VaekitError(f"cannot write {path}: the results hold NaN or infinite values (a broken model?)") from None
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
+    """Write value as JSON atomically, refusing NaN and infinity before anything is written."""
+    write_text(path, json_text(value, path, indent))
 
 
 def save_array(path: str | Path, array: torch.Tensor | None = None, **named: torch.Tensor) -> Path:

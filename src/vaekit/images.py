@@ -55,7 +55,7 @@ def read_folder(
                         f"{f} is a {im.size[0]}x{im.size[1]} {im.mode} image; this takes {image_size}x{image_size} "
                         f"{'grey' if channels == 1 else 'RGB'} 8-bit images as they are, with no resizing or conversion"
                     )
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
             raise VaekitError(f"cannot read image {f}: {e}") from None
     channels = channels or (3 if any(im.mode not in GREY_MODES for im in images) else 1)
     size = (image_size, image_size)

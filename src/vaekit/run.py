@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from .config import Config, from_dict, read_toml
 from .data import Dataset, Split, load_data
 from .errors import VaekitError
-from .files import read_json, write_bytes, write_text
+from .files import read_json, write_bytes, write_json
 from .model import VAE
 from .tables import Scaler
 
@@ -58,7 +58,7 @@ def save_model(model: VAE, run_dir: str | Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(run_dir / WEIGHTS, save(state))
     description = {"format": FORMAT, "version": 1, "shape": list(model.shape), "model": asdict(model.config)}
-    write_text(run_dir / DESCRIPTION, json.dumps(description, indent=2) + "\n")
+    write_json(run_dir / DESCRIPTION, description)
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:

@@ -5,7 +5,6 @@ computed on the training split, stored in the run and applied identically to eve
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import VaekitError
-from .files import read_json, write_text
+from .files import read_json, write_json
 
 MISSING = {"", "na", "nan", "n/a", "null", "none"}  # cells read as missing values, in any capitalisation
 
@@ -148,7 +147,7 @@ class Scaler:
 
     def save(self, path: str | Path) -> None:
         """Write the statistics as JSON, atomically."""
-        write_text(path, json.dumps({"format": "vaekit-scaler", **asdict(self)}, indent=2) + "\n")
+        write_json(path, {"format": "vaekit-scaler", **asdict(self)})
 
     @classmethod
     def load(cls, path: str | Path) -> Scaler:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from ..data import Split, load_examples
 from ..errors import VaekitError
-from ..files import check_writable, read_json, write_text
+from ..files import check_writable, read_json, write_json, write_text
 from ..importance import blocks, check_arguments
 from ..model import VAE, encode_all
 from ..optim import pick_device
@@ -216,7 +215,7 @@ def calibrate(
         "model_sha256": _weights_digest(run),
         **({"latent": latent.to_dict()} if latent is not None else {}),
     }
-    write_text(run.path("anomaly"), json.dumps(calibration, indent=2) + "\n")
+    write_json(run.path("anomaly"), calibration)
     return calibration
 
 
@@ -328,6 +327,6 @@ def report(
         pick = torch.cat([order.flip(0)[:8], order[:8]])
         x = examples.x[pick]
         made.append(anomaly_extremes(x, reconstruct(model, x), error_map(model, x), out / "extremes.png"))
-    write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "report.json", summary)
     summary["files"] = [str(p) for p in [out / "report.json", *made]]
     return summary

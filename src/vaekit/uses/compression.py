@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import VaekitError
-from ..files import atomic_path, write_bytes
+from ..files import atomic_path, read_arrays, write_bytes
 from ..images import read_folder
 from ..model import VAE, log_weights
 from ..run import Run, open_run
@@ -119,10 +119,9 @@ def _read_input(run: Run, data: str | Path | np.ndarray, levels: int) -> tuple[n
         _output_names(names)
         return x, {"form": "folder", "names": names, "count": len(x), "sha256": _digest(values, names)}
     if path.suffix.lower() == ".npy" and path.is_file():
-        try:
-            a = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise VaekitError(f"cannot read {path} as a NumPy array: {str(e).splitlines()[0]}") from None
+        a = read_arrays(path)
+        if not isinstance(a, np.ndarray):
+            raise VaekitError(f"{path} holds several arrays; compression takes a .npy file of one")
         x, layout = _to_levels(a, levels, shape, str(path))
         return x, {"form": "npy", **layout, "sha256": _digest(a, None)}
     if str(data) in SPLITS and not path.exists():

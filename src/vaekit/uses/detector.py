@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from ..config import make_config
 from ..data import Dataset, Split
 from ..errors import VaekitError
-from ..files import write_text
+from ..files import write_json, write_text
 from ..model import VAE
 from ..run import Run, open_run, save_model
 from ..tables import Scaler
@@ -157,7 +157,7 @@ class AnomalyDetector(OutlierMixin, BaseEstimator):
             "model_sha256": hashlib.sha256(run.path("weights").read_bytes()).hexdigest(),
             **({"latent": self.latent_.to_dict()} if self.latent_ is not None else {}),
         }  # fmt: skip
-        write_text(run.path("anomaly"), json.dumps(calibration, indent=2) + "\n")
+        write_json(run.path("anomaly"), calibration)
         return run
 
     @classmethod

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import VaekitError
-from ..files import check_writable, save_array, write_text
+from ..files import check_writable, json_text, save_array, write_text
 from ..importance import accumulation_dtype, blocks, check_arguments
 from ..model import VAE
 from ..optim import pick_device
@@ -160,8 +159,9 @@ def evaluate(
             "them: the NLL is not comparable with published log-likelihoods, and bits/dim is omitted"
         )
     if save:
+        text = json_text(summary, path)  # a broken model's NaN is refused before either file is written
         save_array(path.with_suffix(".npz"), neg_elbo=-result.elbo, nll=-result.log_px)
-        write_text(path, json.dumps(summary, indent=2) + "\n")
+        write_text(path, text)
     return result, summary
 
 

@@ -6,7 +6,6 @@ write their results as PNG grids or NumPy arrays.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 
 from ..errors import VaekitError
 from ..figures import image_panels
-from ..files import check_writable, require_images, save_array, save_grid
+from ..files import check_writable, read_arrays, require_images, save_array, save_grid
 from ..model import VAE, encode_all
 from ..run import Run, open_run
 
@@ -89,15 +88,8 @@ def encode(
 
 def read_latents(path: str | Path, latent: int) -> torch.Tensor:
     """Latent codes from (N, latent) codes in a .npy file, or from encode's output (.npy or .npz), using its means."""
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.ndarray):
-            with z:
-                z = z["mean"] if "mean" in z.files else None
-    except FileNotFoundError:
-        raise VaekitError(f"latents file not found: {path}") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise VaekitError(f"cannot read {path} as a .npy array: {str(e).splitlines()[0]}") from None
+    loaded = read_arrays(path)
+    z = loaded if isinstance(loaded, np.ndarray) else loaded.get("mean")
     if z is None or not (np.issubdtype(z.dtype, np.floating) or np.issubdtype(z.dtype, np.integer)):
         raise VaekitError(f"{path} must hold one array of real numbers (or an .npz with 'mean')")
     if z.ndim == 3 and z.shape[1:] == (2, latent):

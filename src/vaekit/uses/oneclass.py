@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import VaekitError
-from ..files import write_text
+from ..files import write_json, write_text
 from ..run import Run, open_run
 from .anomaly import fit_latent, metrics, scores
 
@@ -115,7 +115,7 @@ def one_class(
         for name, values in baseline_scores(train.flatten(1).numpy(), test.x.flatten(1).numpy()).items():
             row[name] = metrics(torch.from_numpy(values), anomalous)["auroc"]
         row.update(vae_seconds=round(trained - began, 1), baseline_seconds=round(time.perf_counter() - trained, 1))
-        write_text(done, json.dumps(row) + "\n")
+        write_json(done, row, indent=None)
         rows.append(row)
         bar.set_postfix(vae=f"{row['vae']:.3f}", knn=f"{row['knn']:.3f}")
     write_text(out / "results.csv", _csv(rows))
