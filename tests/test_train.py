@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import vaekit
+from vaekit.cli import main
 
 
 def test_training_on_digits_beats_bound_and_baseline(digits, tmp_path):
@@ -113,3 +114,39 @@ def test_outputs_get_the_permissions_the_umask_allows(digits, tmp_path):
         os.umask(old)
     for name in ("config.toml", "model.json", "model.safetensors", "metrics.jsonl"):
         assert stat.S_IMODE((run.dir / name).stat().st_mode) == 0o644, name
+
+
+@pytest.mark.parametrize(
+    "args",
+    ['train.optimizer_args={amsgrad="yes"}', "train.optimizer_args={differentiable=true}"],
+    ids=["flag-of-the-wrong-type", "differentiable"],
+)
+def test_optimizer_arguments_that_fail_at_the_first_step_are_refused_before_the_run_exists(args, tmp_path, capsys):
+    """Arguments the optimizer accepts but fails on when it steps: one line, exit 2, and no run directory, so that a
+    retry with the same --out works."""
+    code = main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--set", args, "--no-plots", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "optimizer" in err.lower(), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_rprop_with_malformed_step_sizes_is_refused_before_the_run_exists(tmp_path, capsys):
+    """Rprop's step_sizes must be two numbers; three fail only at its first step."""
+    code = main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--set", "train.optimizer=Rprop",
+                 "--set", "train.optimizer_args={step_sizes=[1e-6, 50, 3]}", "--no-plots", "-q"])  # fmt: skip
+    assert code == 2 and "Rprop" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_the_users_own_files_is_not_taken_as_a_run(tmp_path, capsys):
+    """--out naming a folder that holds other files (but no run) is refused, and the files stay as they were."""
+    folder = tmp_path / "mine"
+    (folder / "plots").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"my own weights")
+    (folder / "plots" / "loss.png").write_bytes(b"my own plot")
+    code = main(["train", "--epochs", "1", "--out", str(folder), "--no-plots", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not empty" in err, err
+    assert (folder / "model.safetensors").read_bytes() == b"my own weights"
+    assert (folder / "plots" / "loss.png").read_bytes() == b"my own plot"
+    assert sorted(p.name for p in folder.rglob("*")) == ["loss.png", "model.safetensors", "plots"]

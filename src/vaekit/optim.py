@@ -90,6 +90,11 @@ def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
         args.setdefault("fused", True)
     try:
         optimizer = cls(model.parameters(), lr=cfg.lr, **args)
+        # Some optimizer arguments only fail at the first step (a flag of the wrong type, a malformed tuple): one
+        # step on a stand-in parameter finds them before the run directory exists.
+        stand_in = torch.zeros(2, device=device, requires_grad=True)
+        stand_in.grad = torch.ones_like(stand_in)
+        cls([stand_in], lr=cfg.lr, **args).step()
         if not cfg.scheduler:
             return optimizer, None
         # Some scheduler arguments only fail when stepped (a OneCycleLR too short for the run, a step size of the
@@ -104,4 +109,5 @@ def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
         what, given = cfg.optimizer, f"train.optimizer_args = {cfg.optimizer_args}"
         if cfg.scheduler:
             what, given = f"{what} and {cfg.scheduler}", f"{given} and train.scheduler_args = {cfg.scheduler_args}"
-        raise VaekitError(f"cannot build {what} from {given}: {e}") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch lists signatures
+        raise VaekitError(f"cannot build {what} from {given}: {detail}") from None

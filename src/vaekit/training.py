@@ -43,6 +43,8 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
         raise VaekitError(f"--out {out} is a file, not a directory")
     if any((out / ARTIFACTS[name]).exists() for name in ("config", "description")) or any(listing(out)):
         raise VaekitError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
+    if out.is_dir() and any(out.iterdir()):
+        raise VaekitError(f"{out} is not empty and is not a vaekit run; pass a new or empty folder as --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
