@@ -677,3 +677,43 @@ def test_resume_errors_are_one_line_and_change_nothing(finished_run, other_archi
     assert expected in line, line
     assert snapshot(run) == before
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- signals at any moment of the other commands
+
+PLOTS = ["interpolations.png", "latent.png", "loss.png", "manifold.png", "reconstructions.png", "samples.png"]
+
+
+def _temporary_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
+
+
+def test_signals_at_seeded_moments_leave_complete_outputs_or_none(finished_run, tmp_path):
+    """SIGINT or SIGTERM at a seeded random moment of `plot`, `evaluate` or `sample` (from start-up to the last
+    write): a normal exit or 128 + the signal, at most one line on stderr and no traceback, no temporary files, and
+    each command's outputs all there or none of them."""
+    rng = random.Random(0)
+    commands = {
+        "plot": (lambda run: ["plot", run], lambda run: [run / "plots" / name for name in PLOTS]),
+        "evaluate": (lambda run: ["evaluate", run, "--k", "20"], lambda run: [run / "evaluation.json",
+                                                                                run / "evaluation.npz"]),
+        "sample": (lambda run: ["sample", run, "-o", run / "s.png", "--npy", run / "s.npy"],
+                   lambda run: [run / "s.png", run / "s.npy"]),
+    }  # fmt: skip
+    for trial in range(12):
+        name = sorted(commands)[trial % 3]
+        argv, outputs = commands[name]
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        run = shutil.copytree(finished_run, tmp_path / f"run-{trial}")
+        shutil.rmtree(run / "plots", ignore_errors=True)
+        proc = start(argv(run))
+        time.sleep(rng.uniform(0.2, 3.0))
+        proc.send_signal(sig)
+        code, _, err = finish(proc)
+        what = (name, sig.name, code, err)
+        assert code in (0, 128 + sig, -sig), what
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, what
+        assert not _temporary_files(run), what
+        present = [p.exists() for p in outputs(run)]
+        assert all(present) or not any(present), (what, present)
+        assert all(present) or code != 0, what

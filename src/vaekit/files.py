@@ -6,7 +6,9 @@ import contextlib
 import io
 import json
 import os
+import signal
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -26,6 +28,35 @@ def _umask() -> int:
     return mask
 
 
+_groups: list[list[tuple[Path, Path]]] = []  # the renames that open `together` blocks hold back, innermost last
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Every file written inside the block appears at its end, all of them or none: a command's outputs are
+    complete, or absent (an interrupt during the final renames is held until they are done)."""
+    group: list[tuple[Path, Path]] = []
+    _groups.append(group)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in group:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    finally:
+        _groups.remove(group)
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if held else None
+    try:
+        for tmp, path in group:
+            os.replace(tmp, path)
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside path; on success it is renamed to path, on failure removed."""
@@ -41,7 +72,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise VaekitError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        if _groups:
+            _groups[-1].append((Path(tmp), path))
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -93,17 +127,14 @@ def read_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
         raise VaekitError(f"cannot read {path} as a NumPy array file: {str(e).splitlines()[0]}") from None
 
 
-def json_text(value: Any, path: str | Path, indent: int | None = 2) -> str:
-    """value as JSON text for the file path; NaN and infinity, which JSON cannot hold, are a VaekitError."""
+def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
+    """Write value as JSON atomically; NaN and infinity, which JSON cannot hold, are refused before anything is
+    written."""
     try:
-        return json.dumps(value, indent=indent, allow_nan=False) + "\n"
+        text = json.dumps(value, indent=indent, allow_nan=False) + "\n"
     except ValueError:
         raise VaekitError(f"cannot write {path}: the results hold NaN or infinite values (a broken model?)") from None
-
-
-def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
-    """Write value as JSON atomically, refusing NaN and infinity before anything is written."""
-    write_text(path, json_text(value, path, indent))
+    write_text(path, text)
 
 
 def save_array(path: str | Path, array: torch.Tensor | None = None, **named: torch.Tensor) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .figures import image_panels, latent_scatter, loss_curves
-from .files import is_image
+from .files import is_image, together
 from .model import encode_all
 from .run import Run, open_run
 from .uses.generation import interpolate, manifold
@@ -15,8 +15,12 @@ from .uses.generation import interpolate, manifold
 
 @torch.no_grad()
 def plot(run: Run | str | Path) -> list[Path]:
-    """Draw every plot of a run into RUN/plots and return their paths."""
-    run = open_run(run)
+    """Draw every plot of a run into RUN/plots and return their paths (all of them appear together, or none)."""
+    with together():
+        return _draw(open_run(run))
+
+
+def _draw(run: Run) -> list[Path]:
     model = run.model_on(torch.device("cpu"))
     test = run.examples("test")
     x, y = test.x, test.y

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -106,29 +108,48 @@ def _build() -> argparse.ArgumentParser:
 _MEMORY_ERRORS = ("out of memory", "not enough memory", "can't allocate memory", "size calculation overflowed")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every temporary file is removed on the way out."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __str__(self) -> str:
+        return "terminated (SIGTERM)"
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `vaekit` command: run one command; user errors are one line on stderr and exit code 2."""
-    args = _build().parse_args(argv)
+    """Entry point of the `vaekit` command: run one command; user errors are one line on stderr and exit code 2;
+    SIGINT and SIGTERM, from start-up to the last write, one line and exit code 130 or 143 (training's own handlers
+    save a checkpoint first)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    debug = False
     try:
+        args = _build().parse_args(argv)
+        debug = args.debug
         args.handler(args)
     except VaekitError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         # Sizes a user asked for (huge images, layers or sample counts) can exhaust memory: their error, not a bug.
-        if args.debug or not (isinstance(e, MemoryError) or any(m in str(e) for m in _MEMORY_ERRORS)):
+        if debug or not (isinstance(e, MemoryError) or any(m in str(e) for m in _MEMORY_ERRORS)):
             raise
         detail = str(e).splitlines()[0] if str(e) else "allocation failed"
         print(f"vaekit: error: out of memory ({detail.split(' (Triggered internally')[0]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from ..training import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"vaekit: {e}", file=sys.stderr)
-            return e.exit_code
-        print("vaekit: interrupted", file=sys.stderr)
-        return 130
+        # training.Interrupted and _Terminated carry their exit code; importing training here would import torch,
+        # which an interrupt during start-up may have left half imported.
+        print(f"vaekit: {str(e) or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

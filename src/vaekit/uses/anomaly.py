@@ -20,7 +20,7 @@ import torch
 
 from ..data import Split, load_examples
 from ..errors import VaekitError
-from ..files import check_writable, read_json, write_json, write_text
+from ..files import check_writable, read_json, together, write_json, write_text
 from ..importance import blocks, check_arguments
 from ..model import VAE, encode_all
 from ..optim import pick_device
@@ -319,14 +319,15 @@ def report(
     values = _score_with(run, calibration, examples.x, device)
     summary = {"data": what, "score": calibration["score"], "k": calibration["k"]}
     summary.update(metrics(values, anomalous, calibration["threshold"]))
-    made = [roc_curve(values, anomalous, summary["auroc"], out / "roc.png")]
-    made.append(score_histograms(values, anomalous, calibration["threshold"], summary["score"], out / "scores.png"))
-    model = run.model_on(torch.device("cpu"))
-    if is_image(model.shape):
-        order = values.argsort()
-        pick = torch.cat([order.flip(0)[:8], order[:8]])
-        x = examples.x[pick]
-        made.append(anomaly_extremes(x, reconstruct(model, x), error_map(model, x), out / "extremes.png"))
-    write_json(out / "report.json", summary)
+    with together():
+        made = [roc_curve(values, anomalous, summary["auroc"], out / "roc.png")]
+        made.append(score_histograms(values, anomalous, calibration["threshold"], summary["score"], out / "scores.png"))
+        model = run.model_on(torch.device("cpu"))
+        if is_image(model.shape):
+            order = values.argsort()
+            pick = torch.cat([order.flip(0)[:8], order[:8]])
+            x = examples.x[pick]
+            made.append(anomaly_extremes(x, reconstruct(model, x), error_map(model, x), out / "extremes.png"))
+        write_json(out / "report.json", summary)
     summary["files"] = [str(p) for p in [out / "report.json", *made]]
     return summary

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import VaekitError
-from ..files import check_writable, json_text, save_array, write_text
+from ..files import check_writable, save_array, together, write_json
 from ..importance import accumulation_dtype, blocks, check_arguments
 from ..model import VAE
 from ..optim import pick_device
@@ -159,9 +159,9 @@ def evaluate(
             "them: the NLL is not comparable with published log-likelihoods, and bits/dim is omitted"
         )
     if save:
-        text = json_text(summary, path)  # a broken model's NaN is refused before either file is written
-        save_array(path.with_suffix(".npz"), neg_elbo=-result.elbo, nll=-result.log_px)
-        write_text(path, text)
+        with together():
+            save_array(path.with_suffix(".npz"), neg_elbo=-result.elbo, nll=-result.log_px)
+            write_json(path, summary)
     return result, summary
 
 

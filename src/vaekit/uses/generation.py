@@ -13,7 +13,7 @@ import torch
 
 from ..errors import VaekitError
 from ..figures import image_panels
-from ..files import check_writable, read_arrays, require_images, save_array, save_grid
+from ..files import check_writable, read_arrays, require_images, save_array, save_grid, together
 from ..model import VAE, encode_all
 from ..run import Run, open_run
 
@@ -26,11 +26,12 @@ def _seed(seed: int) -> torch.Generator:
 
 
 def _written(images: torch.Tensor, out: str | Path | None, npy: str | Path | None) -> torch.Tensor:
-    """Write images as a PNG grid to out and as an array to npy, where given; return them."""
-    if out is not None:
-        save_grid(images, out)
-    if npy is not None:
-        save_array(npy, images)
+    """Write images as a PNG grid to out and as an array to npy, where given (both or neither); return them."""
+    with together():
+        if out is not None:
+            save_grid(images, out)
+        if npy is not None:
+            save_array(npy, images)
     return images
 
 

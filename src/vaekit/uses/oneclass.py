@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import VaekitError
-from ..files import write_json, write_text
+from ..files import together, write_json, write_text
 from ..run import Run, open_run
 from .anomaly import fit_latent, metrics, scores
 
@@ -118,8 +118,9 @@ def one_class(
         write_json(done, row, indent=None)
         rows.append(row)
         bar.set_postfix(vae=f"{row['vae']:.3f}", knn=f"{row['knn']:.3f}")
-    write_text(out / "results.csv", _csv(rows))
-    write_text(out / "results.md", table(rows, data, score))
+    with together():
+        write_text(out / "results.csv", _csv(rows))
+        write_text(out / "results.md", table(rows, data, score))
     return rows
 
 
