@@ -147,6 +147,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise VaekitError(f"{path} is not a vaekit checkpoint (not a valid safetensors file: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise VaekitError(f"{path} is a safetensors file but not a vaekit checkpoint")
+    # Training never keeps a non-finite update, so a NaN or infinity here is damage, found before anything runs.
+    damaged = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if damaged is not None:
+        raise VaekitError(f"{path} is damaged: its {damaged} holds NaN or infinite values")
     return tensors, meta
 
 

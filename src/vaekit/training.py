@@ -23,7 +23,7 @@ from .checkpoint import Progress, listing, load_checkpoint, save_checkpoint
 from .config import Config, make_config, override
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
-from .files import write_text
+from .files import check_writable, write_text
 from .model import VAE, mean_loss, objective
 from .optim import make_optimizer, pick_device
 from .run import ARTIFACTS, Run, save_model
@@ -182,6 +182,8 @@ def resume(
             else f"has already trained {p.epoch} epochs"
         )
         raise VaekitError(f"{run.dir} {done}; to train it for longer, pass --epochs N with N > {p.epoch}")
+    # Everything the loop will write must be writable before it writes anything: a run is never left half-updated.
+    check_writable(*(run.path(name) for name in ("config", "weights", "description", "metrics")))
     return _loop(Run(run.dir, cfg, state.model, data, p.metrics), state, path, verbose)
 
 
@@ -231,7 +233,9 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     steps = (n + bs - 1) // bs
     # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
     run.path("checkpoints").mkdir(exist_ok=True)
-    write_text(run.path("config"), cfg.to_toml())
+    config = run.path("config")
+    if not config.is_file() or config.read_text(encoding="utf-8") != cfg.to_toml():  # a resumed run's stays as it is
+        write_text(config, cfg.to_toml())
     if run.data.scaler is not None:
         run.data.scaler.save(run.path("scaler"))
     say = print if verbose else (lambda *a, **k: None)
