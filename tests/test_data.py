@@ -474,3 +474,17 @@ def test_a_damaged_mnist_archive_leaves_nothing_behind(mnist_root):
     (raw / "t10k-images-idx3-ubyte.gz").write_bytes(good)
     (raw / "t10k-images-idx3-ubyte").write_bytes(b"")  # as an older version could leave it
     assert load_data(cfg).split("test").x.shape == (10_000, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    ("n", "channels", "nrow", "padding", "pad_value"),
+    [(10, 1, 4, 2, 0.0), (7, 3, 8, 1, 1.0), (3, 1, 1, 0, 0.5), (16, 3, 4, 3, 0.2)],
+)
+def test_image_grids_match_torchvisions_make_grid(n, channels, nrow, padding, pad_value):
+    from torchvision.utils import make_grid
+
+    from vaekit.images import grid
+
+    images = torch.rand(n, channels, 5, 7, generator=torch.Generator().manual_seed(n))
+    expected = make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value).permute(1, 2, 0).numpy()
+    assert np.array_equal(grid(images, nrow, padding, pad_value), expected)

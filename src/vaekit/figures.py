@@ -12,6 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .files import atomic_path
+from .images import grid
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -46,12 +47,9 @@ def latent_scatter(
 
 def image_panels(panels: Sequence[tuple[str, torch.Tensor]], path: str | Path, nrow: int) -> Path:
     """Side-by-side grids of images (N, C, H, W) in [0, 1], each with a title."""
-    from torchvision.utils import make_grid
-
     fig = Figure(figsize=(5 * len(panels), 5))
     for ax, (title, images) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
-        grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.imshow(grid(images, nrow, padding=1, pad_value=1.0), interpolation="nearest")
         ax.set_title(title)
         ax.axis("off")
     return _save(fig, path)

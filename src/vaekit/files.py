@@ -163,8 +163,11 @@ def require_images(shape: tuple[int, ...]) -> None:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
     require_images(tuple(images.shape[1:]))
-    from torchvision.utils import save_image
+    from PIL import Image
 
+    from .images import grid
+
+    pixels = (grid(images, nrow) * 255 + 0.5).clip(0, 255).astype(np.uint8)
     with atomic_path(path) as tmp:
-        save_image(images.detach().cpu(), tmp, nrow=nrow, padding=2, format="png")
+        Image.fromarray(pixels).save(tmp, format="png")
     return Path(path)
