@@ -488,3 +488,13 @@ def test_image_grids_match_torchvisions_make_grid(n, channels, nrow, padding, pa
     images = torch.rand(n, channels, 5, 7, generator=torch.Generator().manual_seed(n))
     expected = make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value).permute(1, 2, 0).numpy()
     assert np.array_equal(grid(images, nrow, padding, pad_value), expected)
+
+
+def test_the_bundled_digits_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    from vaekit.data import _digits_arrays
+
+    images, target = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)

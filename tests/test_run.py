@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 import vaekit
 from vaekit.cli import main
@@ -55,6 +56,10 @@ def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with
     files = named - {run.path(name) for name in ("checkpoints", "best", "plots", "anomaly-report", "scaler")}
     assert not sorted(files - written), "named files that were not written"
     assert [p.name for p in evaluations] == ["evaluation.json", "evaluation-valid.json", "evaluation-first5.json"]
+    # The run's record names every file in it, and names nothing else but checkpoints pruned since.
+    recorded = {run.dir / line for line in run.path("record").read_text().splitlines()}
+    assert not sorted(written - recorded - {run.path("record")}), "files the record does not name"
+    assert all(p.parent == run.path("checkpoints") for p in recorded - written), sorted(recorded - written)
 
 
 def test_open_run_reads_config_model_metrics_and_data_from_disk(run_with_validation):
@@ -127,3 +132,25 @@ def test_import_vaekit_does_not_load_torch():
     check = "import sys, vaekit; print('torch' in sys.modules); vaekit.VAE; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_files_a_user_put_in_a_run_are_never_replaced_or_removed(digits, tmp_path, capsys):
+    """A file of the user's where a command would write its default output, or named like a checkpoint, is left as
+    it is: the command is refused with one line and writes nothing, and pruning passes the file by."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=2, dataset=digits, verbose=False).dir
+    mine = {run / "samples.png": b"my picture", run / "plots" / "loss.png": b"my plot",
+            run / "checkpoints" / "step-00000001.safetensors": b"my checkpoint"}  # fmt: skip
+    for path, data in mine.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+    for command in (["sample", run, "-n", "4"], ["plot", run]):
+        before = sorted(p for p in run.rglob("*") if p.is_file())
+        code, _, err = run_cli(command, capsys)
+        assert_one_line_error(code, err)
+        assert "is not a file vaekit wrote" in err, err
+        assert sorted(p for p in run.rglob("*") if p.is_file()) == before
+    assert run_cli(["train", "--resume", run, "--epochs", "4", "--no-plots", "-q"], capsys)[0] == 0
+    assert {path: path.read_bytes() for path in mine} == mine
+    assert len(list((run / "checkpoints").glob("step-*.safetensors"))) == 1 + 2  # the user's and the newest two
+    (run / "samples.png").unlink()
+    assert run_cli(["sample", run, "-n", "4"], capsys)[0] == 0

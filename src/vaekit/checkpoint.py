@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import VaekitError
-from .files import write_bytes
+from .files import write_bytes, written_here
 from .run import ARTIFACTS
 
 CHECKPOINTS = ARTIFACTS["checkpoints"]
@@ -130,8 +130,10 @@ def save_checkpoint(
     path = path_for(run_dir, progress.global_step)
     write_bytes(path, blob)
     # Temporary files of saves cut short by a kill are left over too.
-    for old in [*listing(run_dir)[:-keep], *path.parent.glob(".step-*.tmp.safetensors")]:
-        old.unlink(missing_ok=True)
+    # A file the run did not write (the user's, named like a checkpoint) is passed by.
+    old = [p for p in listing(run_dir)[:-keep] if written_here(p)]
+    for stale in [*old, *path.parent.glob(".step-*.tmp.safetensors")]:
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -6,6 +6,7 @@ Images and arrays lie in [0, 1]; tables (CSV) are standardised with statistics o
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,26 @@ def default_root() -> Path:
     return Path(cache) / "vaekit"
 
 
-def _digits(cfg: DataConfig, root: Path) -> dict[str, Split]:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: images (1797, 8, 8) of 0 to 16, and their labels."""
+    # load_digits reads this file of scikit-learn's; importing scikit-learn for it would cost every command on the
+    # quick-start data about three seconds.
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    return _split(Split(x, torch.from_numpy(bunch.target).long()), cfg.test_fraction)
+    return bunch.images.astype(np.float32), bunch.target
+
+
+def _digits(cfg: DataConfig, root: Path) -> dict[str, Split]:
+    images, target = _digits_arrays()
+    x = torch.from_numpy(images / 16.0).unsqueeze(1)
+    return _split(Split(x, torch.from_numpy(target).long()), cfg.test_fraction)
 
 
 def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Split]:

@@ -6,9 +6,7 @@ import contextlib
 import io
 import json
 import os
-import signal
 import tempfile
-import threading
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import stopping
 from .errors import VaekitError
 
 
@@ -41,20 +40,21 @@ def together() -> Iterator[None]:
         yield
     except BaseException:
         for tmp, _ in group:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _remove(tmp)
         raise
     finally:
         _groups.remove(group)
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if held else None
-    try:
+    with stopping.held():
         for tmp, path in group:
             os.replace(tmp, path)
-    finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            stopping.untrack(tmp)
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file that will not be renamed into place."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    stopping.untrack(tmp)
 
 
 @contextlib.contextmanager
@@ -62,33 +62,89 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside path; on success it is renamed to path, on failure removed."""
     path = Path(path)
     check_writable(path)
+    _record(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=f".tmp{path.suffix}")
+        with stopping.held():  # a stop between creating the file and tracking it would leave it behind
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=f".tmp{path.suffix}")
+            tmp = Path(name)
+            stopping.track(tmp)
         os.close(fd)
         # mkstemp makes the file private (0600); outputs get the usual permissions that the umask allows.
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
         raise VaekitError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        yield Path(tmp)
+        yield tmp
         if _groups:
-            _groups[-1].append((Path(tmp), path))
+            _groups[-1].append((tmp, path))
         else:
-            os.replace(tmp, path)
+            with stopping.held():
+                os.replace(tmp, path)
+                stopping.untrack(tmp)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove(tmp)
         if isinstance(e, OSError):
             raise VaekitError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
 def check_writable(*paths: str | Path | None) -> None:
-    """Refuse output paths that name a folder, a device or anything else that is not a regular file."""
+    """Refuse output paths that name a folder, a device or anything else that is not a regular file, and files in a
+    run that vaekit did not write there."""
     for path in paths:
-        if path is not None and Path(path).exists() and not Path(path).is_file():
+        if path is None or not Path(path).exists():
+            continue
+        if not Path(path).is_file():
             raise VaekitError(f"cannot write {path}: it exists and is not a regular file")
+        if not written_here(path):
+            raise VaekitError(f"{path} is not a file vaekit wrote in this run, so it is left alone: move it away first")
+
+
+RECORD = "written.txt"  # in a run directory: every file vaekit wrote there, one path (relative to the run) per line
+
+
+def _record_of(path: Path) -> Path | None:
+    """The record of the run directory path lies in (None outside runs, and in runs made before runs kept one)."""
+    for folder in list(path.parents)[:3]:  # RUN/file, RUN/plots/file, RUN/anomaly-report/file, RUN/best/file
+        if (folder / RECORD).is_file():
+            return folder / RECORD
+    return None
+
+
+def _entry(path: Path, record: Path) -> str:
+    return Path(os.path.relpath(path, record.parent)).as_posix()
+
+
+def _recorded(record: Path) -> set[str]:
+    try:
+        return set(record.read_text(encoding="utf-8", errors="replace").splitlines())
+    except OSError as e:
+        raise VaekitError(f"cannot read {record}: {e.strerror or e}") from None
+
+
+def written_here(path: str | Path) -> bool:
+    """Whether vaekit may replace or remove the file at path: it wrote it, or path is not in a run that keeps a
+    record."""
+    record = _record_of(Path(path))
+    return record is None or _entry(Path(path), record) in _recorded(record)
+
+
+def start_record(run_dir: Path) -> None:
+    """Begin the record of what vaekit writes in a new run directory."""
+    (run_dir / RECORD).touch()
+
+
+def _record(path: Path) -> None:
+    """Add path to its run's record before the file is written, so that a file never exists unrecorded."""
+    record = _record_of(path)
+    if record is not None and _entry(path, record) not in _recorded(record):
+        # One short append: lines are never rewritten, and two processes writing into one run lose none.
+        try:
+            with open(record, "a", encoding="utf-8") as f:
+                f.write(_entry(path, record) + "\n")
+        except OSError as e:
+            raise VaekitError(f"cannot write {record}: {e.strerror or e}") from None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from .config import Config, from_dict, read_toml
 from .data import Dataset, Split, load_data
 from .errors import VaekitError
-from .files import read_json, write_bytes, write_json
+from .files import RECORD, read_json, write_bytes, write_json
 from .model import VAE
 from .tables import Scaler
 
@@ -47,6 +47,7 @@ ARTIFACTS = {
     "reconstructions": "reconstructions.png",
     "latents": "latents.npy",
     "decoded": "decoded.png",
+    "record": RECORD,  # every file vaekit wrote in the run: nothing else there is replaced or removed
 }
 CONFIG, WEIGHTS, DESCRIPTION, METRICS = (ARTIFACTS[k] for k in ("config", "weights", "description", "metrics"))
 FORMAT = "vaekit-model"

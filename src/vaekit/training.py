@@ -23,7 +23,7 @@ from .checkpoint import Progress, listing, load_checkpoint, save_checkpoint
 from .config import Config, make_config, override
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
-from .files import check_writable, write_text
+from .files import check_writable, start_record, write_text
 from .model import VAE, mean_loss, objective
 from .optim import make_optimizer, pick_device
 from .run import ARTIFACTS, Run, save_model
@@ -43,10 +43,16 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
         raise VaekitError(f"--out {out} is a file, not a directory")
     if any((out / ARTIFACTS[name]).exists() for name in ("config", "description")) or any(listing(out)):
         raise VaekitError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
-    if out.is_dir() and any(out.iterdir()):
+    # An empty checkpoints folder alone is a run stopped while it was being set up.
+    # Its record and an empty checkpoints folder alone are a run stopped while it was being set up.
+    if out.is_dir() and any(
+        p != out / ARTIFACTS["record"] and (p != out / ARTIFACTS["checkpoints"] or not p.is_dir() or any(p.iterdir()))
+        for p in out.iterdir()
+    ):
         raise VaekitError(f"{out} is not empty and is not a vaekit run; pass a new or empty folder as --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        start_record(out)
     except OSError as e:
         raise VaekitError(f"cannot create the run directory {out}: {e.strerror or e}") from None
     return out

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from .. import stopping
 from ..errors import VaekitError
 
 EPILOG = "Run 'vaekit COMMAND --help' for a command's options. Docs and examples: README.md."
@@ -108,30 +107,16 @@ def _build() -> argparse.ArgumentParser:
 _MEMORY_ERRORS = ("out of memory", "not enough memory", "can't allocate memory", "size calculation overflowed")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every temporary file is removed on the way out."""
-
-    exit_code = 128 + signal.SIGTERM
-
-    def __str__(self) -> str:
-        return "terminated (SIGTERM)"
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vaekit` command: run one command; user errors are one line on stderr and exit code 2;
     SIGINT and SIGTERM, from start-up to the last write, one line and exit code 130 or 143 (training's own handlers
     save a checkpoint first)."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     debug = False
     try:
-        args = _build().parse_args(argv)
-        debug = args.debug
-        args.handler(args)
+        with stopping.handled():
+            args = _build().parse_args(argv)
+            debug = args.debug
+            args.handler(args)
     except VaekitError as e:
         if debug:
             raise
@@ -145,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaekit: error: out of memory ({detail.split(' (Triggered internally')[0]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        # training.Interrupted and _Terminated carry their exit code; importing training here would import torch,
-        # which an interrupt during start-up may have left half imported.
+        # training.Interrupted carries its exit code; a plain KeyboardInterrupt comes from a caller's own handler.
         print(f"vaekit: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0

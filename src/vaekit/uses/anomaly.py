@@ -172,7 +172,11 @@ def _normal_only(run: Run, s: Split, data: str | Path | None) -> Split:
 
 
 def _weights_digest(run: Run) -> str:
-    return hashlib.sha256(run.path("weights").read_bytes()).hexdigest()
+    """The SHA-256 of the run's weights file, which ties a calibration to the model it was made with."""
+    try:
+        return hashlib.sha256(run.path("weights").read_bytes()).hexdigest()
+    except OSError as e:
+        raise VaekitError(f"cannot read {run.path('weights')}: {e.strerror or e}") from None
 
 
 def calibrate(

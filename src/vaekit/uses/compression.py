@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import stopping
 from ..errors import VaekitError
 from ..files import atomic_path, read_arrays, write_bytes
 from ..images import read_folder
@@ -291,17 +292,22 @@ def _write_folder(out: Path, values: np.ndarray, names: list[str]) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VaekitError(f"{out} exists and is not an empty folder; choose another output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with stopping.held():
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        stopping.track(tmp)
     try:
         for image, name in zip(values, names, strict=True):
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(target, "PNG")
-        with contextlib.suppress(FileNotFoundError):
-            out.rmdir()
-        os.replace(tmp, out)
+        with stopping.held():
+            with contextlib.suppress(FileNotFoundError):
+                out.rmdir()
+            os.replace(tmp, out)
+            stopping.untrack(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        stopping.untrack(tmp)
         if isinstance(e, OSError):
             raise VaekitError(f"cannot write {out}: {e.strerror or e}") from None
         raise
