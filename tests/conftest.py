@@ -1,9 +1,12 @@
 """Shared fixtures: the bundled digits data and the optional MNIST copy beside the project."""
 
+import gzip
 import os
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +53,19 @@ def assert_one_line_error(code: int, err: str) -> None:
     """The command failed as a user error must: exit code 2 and one line on stderr, no traceback."""
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("vaekit: error:") and "Traceback" not in err, err
+
+
+def _idx(array: np.ndarray, magic: int) -> bytes:
+    """An MNIST archive: the IDX header and the unsigned bytes, gzipped."""
+    return gzip.compress(struct.pack(f">{array.ndim + 1}i", magic, *array.shape) + array.astype(np.uint8).tobytes())
+
+
+def write_fake_mnist(root: Path, seed: int = 0, train: int = 100, test: int = 40) -> Path:
+    """Random images and labels in MNIST's four archives under root/MNIST/raw, as torchvision's layout has them."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", train), ("t10k", test)):
+        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28)), 2051))
+        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(_idx(rng.integers(0, 10, n), 2049))
+    return root

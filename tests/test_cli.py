@@ -784,7 +784,7 @@ def test_tabular_data_through_every_command(tmp_path):
     ok(results["sample"])
     ok(results["encode"])
     assert np.load(tmp_path / "s.npy").shape == (5, 6)
-    assert np.load(tmp_path / "z.npy").shape == (24, 2, 2)
+    assert np.load(tmp_path / "z.npy").shape == (24, 2, 16)  # the arrays preset's latent size
     assert not (tmp_path / "RUN" / "samples.png").exists()
     for name in ("sample-png", "reconstruct"):
         assert results[name].returncode == 2

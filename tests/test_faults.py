@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_fake_mnist
 from PIL import Image
 
 from vaekit.cli import main
@@ -216,20 +216,6 @@ def damage(path: Path, data: bytes | None) -> None:
         path.write_bytes(data)
 
 
-def _idx(array: np.ndarray, magic: int) -> bytes:
-    """An MNIST archive: the IDX header and the unsigned bytes, gzipped."""
-    return gzip.compress(struct.pack(f">{array.ndim + 1}i", magic, *array.shape) + array.astype(np.uint8).tobytes())
-
-
-def _mnist(d: Path) -> None:
-    raw = d / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 100), ("t10k", 40)):
-        (raw / f"{prefix}-images-idx3-ubyte.gz").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28)), 2051))
-        (raw / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(_idx(rng.integers(0, 10, n), 2049))
-
-
 def _amat(d: Path, zipped: bool) -> None:
     folder = d / "binarized_mnist"
     folder.mkdir()
@@ -269,9 +255,9 @@ INPUTS: dict[str, tuple[Callable[[Path, Path], object], str, list[list[str]]]] =
                    [[*TRAIN, "--data", "{d}/images"], ["compress", "{w}/run", "{d}/images", "-o", "{o}/i.vkz", "-q"],
                     ["anomaly", "score", "{w}/run", "--data", "{d}/images", "-o", "{o}/s.csv"]]),
     "jpeg folder": (lambda d, w: _images(d, ".jpg"), "images/b/1.jpg", [[*TRAIN, "--data", "{d}/images"]]),
-    "mnist images": (lambda d, w: _mnist(d), "MNIST/raw/train-images-idx3-ubyte.gz",
+    "mnist images": (lambda d, w: write_fake_mnist(d), "MNIST/raw/train-images-idx3-ubyte.gz",
                      [[*TRAIN, "--data", "mnist", "--data-dir", "{d}", "--no-download"]]),
-    "mnist labels": (lambda d, w: _mnist(d), "MNIST/raw/t10k-labels-idx1-ubyte.gz",
+    "mnist labels": (lambda d, w: write_fake_mnist(d), "MNIST/raw/t10k-labels-idx1-ubyte.gz",
                      [[*TRAIN, "--data", "mnist", "--data-dir", "{d}", "--no-download"]]),
     "amat": (lambda d, w: _amat(d, False), "binarized_mnist/binarized_mnist_train.amat",
              [[*TRAIN, "--data", "binarized-mnist", "--data-dir", "{d}", "--no-download"]]),

@@ -4,13 +4,14 @@ and the names that editors and type checkers see are the names `import vaekit` g
 
 import ast
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, write_fake_mnist
 
 import vaekit
 from vaekit.cli import main
@@ -154,3 +155,41 @@ def test_files_a_user_put_in_a_run_are_never_replaced_or_removed(digits, tmp_pat
     assert len(list((run / "checkpoints").glob("step-*.safetensors"))) == 1 + 2  # the user's and the newest two
     (run / "samples.png").unlink()
     assert run_cli(["sample", run, "-n", "4"], capsys)[0] == 0
+
+
+def test_a_run_moved_with_its_data_is_evaluated_plotted_and_resumed_with_data_dir(tmp_path, capsys):
+    """A run trained on MNIST archives in one folder, moved with them to another, works there with --data-dir; it
+    says so when the data are not found, and refuses other data (a look-alike set of the same size) by name."""
+    first = write_fake_mnist(tmp_path / "first")
+    train = ["train", "--data", "mnist", "--data-dir", first, "--no-download", "--epochs", "1", "--no-plots", "-q"]
+    assert run_cli([*train, "--out", first / "run"], capsys)[0] == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    run = moved / "run"
+    code, _, err = run_cli(["evaluate", run, "--k", "2"], capsys)
+    assert_one_line_error(code, err)
+    assert "--data-dir" in err, err
+    for command in (["evaluate", run, "--k", "2"], ["plot", run], ["reconstruct", run, "-n", "4"], ["encode", run],
+                    ["train", "--resume", run, "--epochs", "2", "--no-plots", "-q"]):  # fmt: skip
+        code, _, err = run_cli([*command, "--data-dir", moved], capsys)
+        assert code == 0, (command, err)
+    assert vaekit.open_run(run).config.data.root == str(moved.resolve())  # the resumed run records where they are
+    other = write_fake_mnist(tmp_path / "other", seed=1)
+    for command in (["evaluate", run, "--k", "2"], ["train", "--resume", run, "--epochs", "3", "-q"]):
+        code, _, err = run_cli([*command, "--data-dir", other], capsys)
+        assert_one_line_error(code, err)
+        assert "MNIST" in err or "mnist" in err, err
+
+
+def test_data_passed_in_memory_are_recorded_as_such_and_asked_for(digits, tmp_path):
+    """A run trained on data given in memory never scores the data its config happens to name: it asks for them,
+    and takes them back after checking that they are the same."""
+    fifty = vaekit.Dataset("mine", {name: digits.split(name).take(slice(0, 50)) for name in ("train", "test")})
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, dataset=fifty, verbose=False).dir
+    assert json.loads((run / "data.json").read_text())["source"] == "memory"
+    with pytest.raises(vaekit.VaekitError, match="passed in memory"):
+        vaekit.evaluate(run, k=2)
+    _, summary = vaekit.evaluate(vaekit.open_run(run, data=fifty), k=2, save=False)
+    assert summary["examples"] == 50
+    with pytest.raises(vaekit.VaekitError, match="not those .* was trained on"):
+        vaekit.open_run(run, data=digits)

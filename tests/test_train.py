@@ -150,3 +150,38 @@ def test_a_folder_of_the_users_own_files_is_not_taken_as_a_run(tmp_path, capsys)
     assert (folder / "model.safetensors").read_bytes() == b"my own weights"
     assert (folder / "plots" / "loss.png").read_bytes() == b"my own plot"
     assert sorted(p.name for p in folder.rglob("*")) == ["loss.png", "model.safetensors", "plots"]
+
+
+@pytest.mark.parametrize(
+    ("data", "preset", "name", "expected"),
+    [
+        ("fashion-mnist", "mnist-like", "fashion-mnist", {"epochs": 20, "latent": 16, "net": "mlp"}),
+        ("kmnist", "mnist-like", "kmnist", {"epochs": 20, "latent": 16, "net": "mlp"}),
+        ("/data/my_images", "images", "my_images", {"epochs": 30, "latent": 16, "net": "conv"}),
+        ("arrays.npz", "arrays", "arrays", {"epochs": 30, "latent": 16, "net": "mlp"}),
+        ("sensors.csv", "table", "sensors", {"epochs": 50, "latent": 4, "likelihood": "gaussian"}),
+        ("digits", "digits", "digits", {"epochs": 150, "latent": 2}),
+    ],
+)
+def test_data_named_without_a_preset_choose_the_defaults_and_the_run_name(data, preset, name, expected):
+    from vaekit.config import make_config, run_name
+
+    cfg = make_config(overrides={"data.name": data})
+    assert (cfg.preset, run_name(cfg), cfg.data.name) == (preset, name, data)
+    found = {**vars(cfg.train), **vars(cfg.model)}
+    assert {k: found[k] for k in expected} == expected
+    chosen = make_config("seed", overrides={"data.name": data})  # an explicit preset wins, and names the run
+    assert (chosen.train.epochs, chosen.model.latent, run_name(chosen)) == (10, 2, "seed")
+
+
+def test_a_run_of_named_data_is_named_after_them_and_says_what_it_trains(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "strokes.npy", (np.random.default_rng(0).random((80, 1, 8, 8)) > 0.5).astype(np.float32))
+    assert main(["train", "--data", "strokes.npy", "--epochs", "1", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("strokes-")
+    assert "data strokes.npy (1, 8, 8): 64 train, 16 test; model mlp [512], latent 16, bernoulli; 1 epochs" in out
+    assert vaekit.open_run(run).config.preset == "arrays"

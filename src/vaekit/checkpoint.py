@@ -7,6 +7,7 @@ written atomically and never unpickled; the learning-rate scheduler is rebuilt b
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -197,6 +198,20 @@ def _difference(expected: Any, found: Any, key: str = "") -> str | None:
     return None if expected == found else f"{key} ({found!r} then, {expected!r} now)"
 
 
+def _unmoved(identity: dict[str, Any], found: Any) -> dict[str, Any]:
+    """identity with the data file's or folder's former path where only its place changed (resume --data-dir): the
+    same name in another folder; that the content is the same, the data's SHA-256s check."""
+    try:
+        then, now = found["settings"]["data"]["name"], identity["settings"]["data"]["name"]
+    except (KeyError, TypeError):
+        return identity
+    if not (isinstance(then, str) and then != now and Path(then).name == Path(now).name and Path(now).is_absolute()):
+        return identity
+    moved = copy.deepcopy(identity)
+    moved["settings"]["data"]["name"] = then
+    return moved
+
+
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -217,7 +232,7 @@ def load_checkpoint(
             f"{path} was written on a {meta.get('device')} device and this run now trains on {device.type}: its random "
             "states only fit the device they came from, so resume it where it ran"
         )
-    differs = _difference(identity, meta.get("identity"))
+    differs = _difference(_unmoved(identity, meta.get("identity")), meta.get("identity"))
     if differs:
         raise VaekitError(f"{path} was made with other settings or data: {differs}; resuming needs the same ones")
     try:

@@ -144,6 +144,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "likelihood": "bernoulli",
         },
     },
+    # Defaults for data named without a preset (`vaekit train --data X`): one preset per kind of data, chosen by
+    # `data_preset`; runs trained with them are named after their data.
+    "mnist-like": {
+        "data": {"name": "mnist"},
+        "model": {"hidden": [512], "latent": 16},
+        "train": {"epochs": 20},
+    },
+    "images": {"model": {"net": "conv", "channels": [32, 64], "hidden": [256], "latent": 16}, "train": {"epochs": 30}},
+    "arrays": {"model": {"hidden": [512], "latent": 16}, "train": {"epochs": 30}},
+    "table": {"model": {"hidden": [128], "latent": 4, "likelihood": "gaussian"}, "train": {"epochs": 50}},
     # Models for `vaekit compress` (see README: "Compression"). Static binarised MNIST, whose standard split holds
     # out 10,000 validation images; early stopping on them, as the static binarisation overfits.
     "compression": {
@@ -247,7 +257,9 @@ def _dotted(key: str) -> str:
     if key == "data":
         return "data.name"
     owners = [s for s, cls in _SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-    if len(owners) != 1:
+    if len(owners) > 1:
+        raise VaekitError(f"config key '{key}' is ambiguous: say {' or '.join(f'{o}.{key}' for o in owners)}")
+    if not owners:
         raise VaekitError(f"unknown config key '{key}' (use section.key, with sections {', '.join(_SECTIONS)})")
     return f"{owners[0]}.{key}"
 
@@ -264,6 +276,29 @@ def override(cfg: Config, overrides: dict[str, Any] | None = None) -> Config:
     return cfg
 
 
+DATA_PRESETS = ("mnist-like", "images", "arrays", "table")  # presets that name their runs after the data
+
+
+def data_preset(name: str) -> str:
+    """The preset for data named without one: digits for the digits, mnist-like for the other built-in sets, and
+    images, arrays or table for a folder, a .npy/.npz file or a CSV file."""
+    if name == "digits":
+        return "digits"
+    if name in ("mnist", "fashion-mnist", "kmnist", "binarized-mnist"):
+        return "mnist-like"
+    suffix = Path(name).suffix.lower()
+    return {".csv": "table", ".npy": "arrays", ".npz": "arrays"}.get(suffix, "images")
+
+
+def run_name(cfg: Config) -> str:
+    """What a new run of cfg is named after: its preset, or its data for the presets chosen by the data."""
+    if cfg.preset not in DATA_PRESETS:
+        return cfg.preset
+    path = Path(cfg.data.name)
+    stem = path.stem if path.suffix.lower() in (".npy", ".npz", ".csv") else path.name
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip(".") or cfg.preset
+
+
 def make_config(
     preset_name: str | None = None,
     file: str | Path | None = None,
@@ -271,7 +306,9 @@ def make_config(
 ) -> Config:
     """Resolve a configuration: the preset (or the file's own preset), then the file, then the overrides."""
     from_file = read_toml(file) if file is not None else {}
-    name = preset_name or from_file.get("preset") or "digits"
+    data = {**from_file.get("data", {}), **{_dotted(k): v for k, v in (overrides or {}).items()}}
+    named = data.get("data.name", data.get("name"))
+    name = preset_name or from_file.get("preset") or (data_preset(named) if isinstance(named, str) else "digits")
     cfg = preset(_coerce("preset", name, ""))
     _merge(cfg, from_file)
     cfg.preset = name

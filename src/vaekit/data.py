@@ -5,11 +5,14 @@ Images and arrays lie in [0, 1]; tables (CSV) are standardised with statistics o
 
 from __future__ import annotations
 
+import copy
 import gzip
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +56,16 @@ class Dataset:
     def shape(self) -> tuple[int, ...]:
         """The shape of one example."""
         return tuple(self.splits["train"].x.shape[1:])
+
+    def fingerprint(self) -> dict[str, list[Any]]:
+        """Each split's size and a SHA-256 of its examples and labels: what tells these data from any others."""
+        digests: dict[str, list[Any]] = {}
+        for name, split in self.splits.items():
+            h = hashlib.sha256(split.x.detach().cpu().contiguous().numpy().data)
+            if split.y is not None:
+                h.update(split.y.detach().cpu().contiguous().numpy().data)
+            digests[name] = [len(split.x), h.hexdigest()]
+        return digests
 
     def split(self, name: str) -> Split:
         """The split called name, with an error listing the available ones."""
@@ -331,6 +344,16 @@ def load_data(cfg: DataConfig) -> Dataset:
             if name != "train":
                 splits[name] = Split(torch.bernoulli(s.x, generator=g), s.y, s.names)
     return Dataset(cfg.name, splits, scaler, label_names)
+
+
+def relocated(cfg: DataConfig, data_dir: str | Path) -> DataConfig:
+    """cfg with its data looked for in data_dir: a built-in set under it, a file or folder by its own name in it."""
+    where = Path(data_dir).expanduser().resolve()
+    moved = copy.deepcopy(cfg)
+    moved.root = str(where)
+    if cfg.name not in SOURCES:
+        moved.name = str(where / Path(cfg.name).name)
+    return moved
 
 
 def load_examples(cfg: DataConfig, split: str = "test", scaler: Scaler | None = None) -> tuple[Split, list[str] | None]:

@@ -210,10 +210,10 @@ def is_image(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3)
 
 
-def require_images(shape: tuple[int, ...]) -> None:
-    """Refuse to draw examples that are not grey or RGB images."""
+def require_images(shape: tuple[int, ...], instead: str = "use --npy for the values") -> None:
+    """Refuse to draw examples that are not grey or RGB images, saying what to do instead."""
     if not is_image(shape):
-        raise VaekitError("this model's data are not grey or RGB images, so there is no picture to draw; use --npy")
+        raise VaekitError(f"this model's data are not grey or RGB images, so there is no picture to draw; {instead}")
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import Config, from_dict, read_toml
-from .data import Dataset, Split, load_data
+from .data import Dataset, Split, load_data, relocated
 from .errors import VaekitError
 from .files import RECORD, read_json, write_bytes, write_json
 from .model import VAE
@@ -47,6 +47,7 @@ ARTIFACTS = {
     "reconstructions": "reconstructions.png",
     "latents": "latents.npy",
     "decoded": "decoded.png",
+    "fingerprint": "data.json",  # the data trained on: from where (its name, or memory), each split's size and SHA-256
     "record": RECORD,  # every file vaekit wrote in the run: nothing else there is replaced or removed
 }
 CONFIG, WEIGHTS, DESCRIPTION, METRICS = (ARTIFACTS[k] for k in ("config", "weights", "description", "metrics"))
@@ -139,12 +140,20 @@ class Run:
         model: VAE | None = None,
         data: Dataset | None = None,
         metrics: list[dict[str, Any]] | None = None,
+        data_dir: str | Path | None = None,
     ) -> None:
         self.dir = Path(dir)
         self._config, self._model, self._data, self._metrics = config, model, data, metrics
+        self._data_dir = data_dir
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r})"
+
+    def __str__(self) -> str:
+        return str(self.dir)
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
 
     def path(self, name: str, split: str = "test", first: int | None = None) -> Path:
         """Where the artifact called name lives (see ARTIFACTS)."""
@@ -164,6 +173,8 @@ class Run:
         """The resolved configuration the run was trained with."""
         if self._config is None:
             self._config = load_config(self.dir)
+            if self._data_dir is not None:
+                self._config.data = relocated(self._config.data, self._data_dir)
         return self._config
 
     @property
@@ -190,8 +201,59 @@ class Run:
     def data(self) -> Dataset:
         """The data set the run was trained on, loaded as its configuration names it."""
         if self._data is None:
-            self._data = load_data(self.config.data)
+            record = self._data_record()
+            try:
+                data = load_data(self.config.data)
+            except VaekitError as e:
+                if record.get("source") == "memory":
+                    raise VaekitError(self._passed_in_memory()) from None
+                if self._data_dir is None and "--data-dir" not in str(e):
+                    hint = "if the run's data moved, say where they are now with --data-dir"
+                    raise VaekitError(f"{e} ({hint})") from None
+                raise
+            self.check_data(data)
+            self._data = data
         return self._data
+
+    def _data_record(self) -> dict[str, Any]:
+        """What the run recorded of the data it was trained on ({} for runs made before it did)."""
+        path = self.path("fingerprint")
+        record = read_json(path, "") if path.exists() else {}
+        if not isinstance(record, dict) or not isinstance(record.get("splits", {}), dict):
+            raise VaekitError(f"{path} is not a record of data")
+        return record
+
+    def _passed_in_memory(self) -> str:
+        return (
+            f"{self.dir} was trained on data passed in memory, not on '{self.config.data.name}' as its config names: "
+            f"open it with vaekit.open_run('{self.dir}', data=DATASET)"
+        )
+
+    def check_data(self, data: Dataset, given: bool = False) -> None:
+        """Refuse data other than those the run was trained on, by their record's sizes and SHA-256s; given says that
+        the caller passed them (rather than the run's config naming them)."""
+        record = self._data_record()
+        if record.get("shape") not in (None, list(data.shape)):
+            raise VaekitError(
+                f"the data '{data.name}' now have examples of shape {data.shape}, but the model was trained on "
+                f"{tuple(record['shape'])}"
+            )
+        found = data.fingerprint()
+        for split, expected in record.get("splits", {}).items():
+            if found.get(split) != expected:
+                if given:
+                    raise VaekitError(
+                        f"the data given are not those {self.dir} was trained on: their {split} split is not the one "
+                        f"{self.path('fingerprint').name} records ({expected[0]} examples)"
+                    )
+                if record.get("source") == "memory":
+                    raise VaekitError(self._passed_in_memory())
+                size = f"{found[split][0]} examples" if split in found else "none"
+                raise VaekitError(
+                    f"the data '{data.name}' found now are not what {self.dir} was trained on: its {split} split has "
+                    f"{size}, where {self.path('fingerprint').name} records {expected[0]} examples of another content; "
+                    "point --data-dir at the data it was trained on"
+                )
 
     def examples(self, split: str = "test", limit: int | None = None) -> Split:
         """A split of the run's data (its first limit examples, in stored order), checked against the model's shape."""
@@ -222,10 +284,19 @@ class Run:
         return self._data
 
 
-def open_run(run: Run | str | Path) -> Run:
-    """The run in a directory (or run itself, if it is already a Run); its files are read when first needed."""
-    if isinstance(run, Run):
+def open_run(run: Run | str | Path, *, data_dir: str | Path | None = None, data: Dataset | None = None) -> Run:
+    """The run in a directory (or run itself, if it is already a Run); its files are read when first needed.
+
+    data_dir is where its data are now, if they moved (see `data.relocated`); data are the data it was trained on, for
+    a run trained on data passed in memory. Either is checked against the run's record of its data when used.
+    """
+    if isinstance(run, Run) and data_dir is None and data is None:
         return run
-    if not Path(run).is_dir():
+    where = run.dir if isinstance(run, Run) else Path(run)
+    if not where.is_dir():
         raise VaekitError(f"run directory not found: {run}")
-    return Run(run)
+    opened = Run(where, data_dir=data_dir)
+    if data is not None:
+        opened.check_data(data, given=True)
+        opened._data = data
+    return opened

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -20,10 +19,10 @@ from tqdm.auto import tqdm
 
 from . import likelihoods, nets
 from .checkpoint import Progress, listing, load_checkpoint, save_checkpoint
-from .config import Config, make_config, override
+from .config import Config, make_config, override, run_name
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
-from .files import check_writable, start_record, write_text
+from .files import check_writable, start_record, write_json, write_text
 from .model import VAE, mean_loss, objective
 from .optim import make_optimizer, pick_device
 from .run import ARTIFACTS, Run, save_model
@@ -33,11 +32,11 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
     """A fresh directory for this run; an existing run is never overwritten."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{cfg.preset}-{stamp}"
+        out = Path("runs") / f"{run_name(cfg)}-{stamp}"
         n = 1
         while out.exists():
             n += 1
-            out = Path("runs") / f"{cfg.preset}-{stamp}-{n}"
+            out = Path("runs") / f"{run_name(cfg)}-{stamp}-{n}"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VaekitError(f"--out {out} is a file, not a directory")
@@ -111,13 +110,7 @@ def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
     for key, default in (("classes", []), ("label_column", ""), ("one_hot", False)):
         if settings["data"][key] == default:
             del settings["data"][key]
-    digests = {}
-    for name, split in data.splits.items():
-        h = hashlib.sha256(split.x.detach().cpu().contiguous().numpy().data)
-        if split.y is not None:
-            h.update(split.y.detach().cpu().contiguous().numpy().data)
-        digests[name] = [len(split.x), h.hexdigest()]
-    return {"settings": settings, "data": digests}
+    return {"settings": settings, "data": data.fingerprint()}
 
 
 def _load(cfg: Config, dataset: Dataset | None) -> Dataset:
@@ -148,13 +141,20 @@ def train(
     if cfg.data.channels == 0 and Path(cfg.data.name).is_dir():
         cfg.data.channels = data.shape[0]
     state = _prepare(cfg, data, None)
+    state.source = "memory" if dataset is not None else "config"
     return _loop(Run(_run_dir(out, cfg), cfg, state.model, data, state.progress.metrics), state, None, verbose)
 
 
 def resume(
-    run: Run | str | Path, *, epochs: int | None = None, dataset: Dataset | None = None, verbose: bool = True
+    run: Run | str | Path,
+    *,
+    epochs: int | None = None,
+    dataset: Dataset | None = None,
+    data_dir: str | Path | None = None,
+    verbose: bool = True,
 ) -> Run:
-    """Continue a run from its newest checkpoint (or from a checkpoint file), exactly as if it had never stopped."""
+    """Continue a run from its newest checkpoint (or from a checkpoint file), exactly as if it had never stopped;
+    data_dir is where its data are now, if they moved."""
     if isinstance(run, Run):
         dataset = dataset if dataset is not None else run.loaded_data()
     given = run.dir if isinstance(run, Run) else Path(run)
@@ -162,7 +162,7 @@ def resume(
     path = given if given.is_file() else None
     if path is not None and path.parent.name != checkpoints:
         raise VaekitError(f"{given} is not a checkpoint: pass a run directory or a file in RUN/{checkpoints}")
-    run = Run(given.parent.parent if path is not None else given)
+    run = Run(given.parent.parent if path is not None else given, data_dir=data_dir)
     if not run.path("config").is_file():
         raise VaekitError(f"{given} is not a vaekit run or checkpoint: {run.path('config')} is missing")
     cfg = run.config
@@ -177,6 +177,7 @@ def resume(
                 f"{run.dir} has no {checkpoints} folder to resume from (an older vaekit's run, or it was removed)"
             )
     data = _load(cfg, dataset)
+    run.check_data(data, given=dataset is not None)  # names the data; the checkpoint's check names only a SHA-256
     state = _prepare(cfg, data, path)
     p = state.progress
     if p.stopped:
@@ -206,6 +207,7 @@ class _State:
     identity: dict[str, Any]
     x_train: torch.Tensor  # the training examples, on the device
     held_out: dict[str, torch.Tensor]  # the valid and test examples there are, on the device
+    source: str = "config"  # where the data came from: as the configuration names them, or passed in memory
 
 
 def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
@@ -242,10 +244,13 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     config = run.path("config")
     if not config.is_file() or config.read_text(encoding="utf-8") != cfg.to_toml():  # a resumed run's stays as it is
         write_text(config, cfg.to_toml())
+    if not run.path("fingerprint").exists():  # a resumed run keeps its record: checkpoints hold the same fingerprint
+        _record_data(run, s)
     if run.data.scaler is not None:
         run.data.scaler.save(run.path("scaler"))
     say = print if verbose else (lambda *a, **k: None)
     say(f"run directory: {run.dir}" + (f" (resuming from {start.name})" if start else ""))
+    say(_settings(cfg, run.data))
     params = list(model.parameters())
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
 
@@ -305,6 +310,24 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
         best = f"the best model, of epoch {p.best_epoch}, is in {run.path('best')}"
         say(f"early stop: the valid loss has not improved for {t.patience} epochs; {best}")
     return run
+
+
+def _record_data(run: Run, s: _State) -> None:
+    """Write what the run is trained on: where the data came from, their shape and each split's SHA-256."""
+    record = {"source": s.source, "name": run.config.data.name, "shape": list(run.data.shape)}
+    write_json(run.path("fingerprint"), {**record, "splits": s.identity["data"]})
+
+
+def _settings(cfg: Config, data: Dataset) -> str:
+    """One line on what is trained: the data, the model and the schedule."""
+    m, t = cfg.model, cfg.train
+    sizes = {name: len(data.split(name).x) for name in ("train", "valid", "test") if name in data.splits}
+    layers = f"{m.net} {m.channels} + {m.hidden}" if m.net == "conv" else f"{m.net} {m.hidden}"
+    return (
+        f"data {Path(cfg.data.name).name} {data.shape}: {', '.join(f'{n} {k}' for k, n in sizes.items())}; model "
+        f"{layers}, latent {m.latent}, {m.likelihood}; {t.epochs} epochs of batch {t.batch_size}, {t.optimizer} lr "
+        f"{t.lr:g} (preset {cfg.preset})"
+    )
 
 
 def _report(row: dict[str, Any]) -> str:

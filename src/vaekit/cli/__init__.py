@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .. import stopping
+from .. import __version__, stopping
 from ..errors import VaekitError
 
 EPILOG = "Run 'vaekit COMMAND --help' for a command's options. Docs and examples: README.md."
@@ -52,6 +52,15 @@ GROUPS = {
 }
 
 
+# For the commands that read a run's data: where those are now.
+RUN_DATA_DIR = arg(
+    "--data-dir",
+    metavar="DIR",
+    help="where the run's data are now, if they moved: a built-in set is looked for under DIR, a file or folder by its "
+    "own name in DIR; data other than those the run was trained on are refused",
+)
+
+
 def command(examples: tuple[str, ...], *arguments: Arg, takes_run: bool = True, name: str = "") -> Callable:
     """Add the decorated function to COMMANDS, under name (default: its own name without underscores); a name of two
     words ("anomaly score") is a command of a group."""
@@ -70,6 +79,7 @@ def _build() -> argparse.ArgumentParser:
 
     p = _Parser(prog="vaekit", description="Train, inspect and use variational auto-encoders.", epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    p.add_argument("--version", action="version", version=f"vaekit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, Any] = {}
     raw = argparse.RawDescriptionHelpFormatter
@@ -99,8 +109,20 @@ def _build() -> argparse.ArgumentParser:
             ):
                 options = {**options, "help": f"{options['help']} (default: {default})"}
             parser.add_argument(*flags, **options)
-        parser.set_defaults(handler=c.run)
+        parser.set_defaults(handler=_with_run(c.run) if c.takes_run else c.run)
     return p
+
+
+def _with_run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """handler, given the run opened (with its data looked for in --data-dir, where the command has one)."""
+
+    def run(a: argparse.Namespace) -> None:
+        from ..run import open_run
+
+        a.run = open_run(a.run, data_dir=getattr(a, "data_dir", None))
+        handler(a)
+
+    return run
 
 
 # How torch's allocators (CPU, CUDA, MPS) say that a requested size cannot be had.

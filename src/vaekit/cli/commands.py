@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import PRESETS
 from ..errors import VaekitError
-from . import Arg, arg, command
+from . import RUN_DATA_DIR, Arg, arg, command
 
 
 def _int_list(text: str) -> list[int]:
@@ -22,7 +22,10 @@ def _int_list(text: str) -> list[int]:
 
 
 SPLIT = arg("--split", default="test", help="train, test or valid (where there is one)")
-RESUME = "continue a stopped run from its newest checkpoint (or a file in RUN/checkpoints); only --epochs may change"
+RESUME = (
+    "continue a stopped run from its newest checkpoint (or a file in RUN/checkpoints); only --epochs and --data-dir "
+    "(where its data are now) may change"
+)
 SET = "any other setting, e.g. --set model.net=conv or --set 'train.optimizer_args={eps=1e-4}' (repeatable)"
 BINARIZE = "dynamic binarisation: training images are binarised anew each epoch"
 ACTIVATIONS = "relu, tanh, elu, gelu, silu, leaky_relu or softplus"
@@ -81,11 +84,15 @@ def _train(a: argparse.Namespace) -> None:
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
     overrides.update({k: v for k, v in vars(a).items() if "." in k and v is not None})
     if a.resume:
-        others = [k for k in overrides if k != "train.epochs"] + [f for f in ("preset", "config", "out") if vars(a)[f]]
+        moving = ("train.epochs", "data.root")
+        others = [k for k in overrides if k not in moving] + [f for f in ("preset", "config", "out") if vars(a)[f]]
         if others:
             what = others[0] if "." in others[0] else f"--{others[0]}"
-            raise VaekitError(f"--resume continues a run with its saved settings: --epochs may change, {what} cannot")
-        run = resume(a.resume, epochs=overrides.get("train.epochs"), verbose=not a.quiet)
+            raise VaekitError(
+                f"--resume continues a run with its saved settings: --epochs and --data-dir may change, {what} cannot"
+            )
+        run = resume(a.resume, epochs=overrides.get("train.epochs"), data_dir=overrides.get("data.root"),
+                     verbose=not a.quiet)  # fmt: skip
     else:
         run = train(make_config(a.preset, a.config, overrides), a.out, verbose=not a.quiet)
     if not a.no_plots:
@@ -104,6 +111,7 @@ def _train(a: argparse.Namespace) -> None:
     arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
     arg("--max-elements", type=int, metavar="N", help=ELEMENTS),
     arg("--no-save", action="store_true", help="print only; write no evaluation file"),
+    RUN_DATA_DIR,
 )
 def _evaluate(a: argparse.Namespace) -> None:
     """Estimate log-likelihood (importance sampling), ELBO, bits/dim and active units."""
@@ -150,6 +158,7 @@ def _sample(a: argparse.Namespace) -> None:
     SPLIT,
     arg("-n", type=int, default=32, help="number of examples"),
     *out("reconstructions.png"),
+    RUN_DATA_DIR,
 )
 def _reconstruct(a: argparse.Namespace) -> None:
     """Show examples next to their reconstructions."""
@@ -164,6 +173,7 @@ def _reconstruct(a: argparse.Namespace) -> None:
     ("vaekit encode runs/digits-20260101-120000 -o latents.npy",),
     SPLIT,
     arg("-o", "--out", metavar="FILE", help=ENCODE_OUT),
+    RUN_DATA_DIR,
 )
 def _encode(a: argparse.Namespace) -> None:
     """Write posterior means and log-variances of a data split."""
@@ -188,7 +198,10 @@ def _decode(a: argparse.Namespace) -> None:
     print(f"{_wrote(path, a.npy)} ({len(images)} decoded)")
 
 
-@command(("vaekit plot runs/digits-20260101-120000",))
+@command(
+    ("vaekit plot runs/digits-20260101-120000", "vaekit plot runs/fashion-mnist-20260101-120000 --data-dir /mnt/data"),
+    RUN_DATA_DIR,
+)
 def _plot(a: argparse.Namespace) -> None:
     """Draw all plots of a run into RUN/plots."""
     from ..plots import plot

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import arg, command
+from . import RUN_DATA_DIR, arg, command
 
 QUIET = arg("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -20,6 +20,7 @@ QUIET = arg("-q", "--quiet", action="store_true", help="no progress bar")
     arg("--report", action="store_true",
         help="also decode to check and time it, and compare the rate with the model's -ELBO and gzip, bzip2, xz, PNG"),
     QUIET,
+    RUN_DATA_DIR,
 )  # fmt: skip
 def _compress(a: argparse.Namespace) -> None:
     """Compress data losslessly with the run's model (bits-back coding with ANS).

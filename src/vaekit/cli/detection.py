@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from . import arg, command
+from . import RUN_DATA_DIR, arg, command
 
 DATA = arg("--data", metavar="DATA", help="a .npy/.npz/.csv file, an image folder or a built-in data set (default: "
            "the run's own data)")  # fmt: skip
 SPLIT = arg("--split", help="the split of the run's data or of a built-in set (calibrate: valid, else test; else test)")
 DEVICE = arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+# The anomaly commands' --data is the data to score; RUN_DATA_DIR says where the run's own data are now.
 SCORE = "nll, elbo, recon or latent (see README: 'Anomaly detection')"
 
 
@@ -23,6 +24,7 @@ SCORE = "nll, elbo, recon or latent (see README: 'Anomaly detection')"
     arg("--fpr", type=float, default=0.01, help="the false-alarm rate to allow on normal data"),
     arg("--seed", type=int, default=0, help="random seed of the posterior draws"),
     DEVICE,
+    RUN_DATA_DIR,
     name="anomaly calibrate",
 )  # fmt: skip
 def _calibrate(a: argparse.Namespace) -> None:
@@ -46,6 +48,7 @@ def _calibrate(a: argparse.Namespace) -> None:
     arg("--split", default="test", help="the split of the run's data or of a built-in set"),
     arg("-o", "--out", metavar="CSV", help="write one row per example: index (or file), score, anomalous (0 or 1)"),
     DEVICE,
+    RUN_DATA_DIR,
     name="anomaly score",
 )
 def _score(a: argparse.Namespace) -> None:
@@ -72,6 +75,7 @@ def _score(a: argparse.Namespace) -> None:
     arg("--score", help=f"the score to measure when it is not the calibrated one: {SCORE}"),
     arg("--k", type=int, default=100, help="posterior draws per example for nll and elbo without a calibration"),
     DEVICE,
+    RUN_DATA_DIR,
     name="anomaly report",
 )  # fmt: skip
 def _report(a: argparse.Namespace) -> None:

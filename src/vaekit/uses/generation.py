@@ -65,7 +65,7 @@ def reconstruct(
     x = run.examples(split, n).x
     recon = model.decode(model.encode(x)[0])
     if out is not None:
-        require_images(model.shape)
+        require_images(model.shape, "vaekit.reconstruct(RUN) in Python returns the examples and reconstructions")
         image_panels([("originals", x), ("reconstructions", recon)], out, nrow=8)
     return x, recon
 
