@@ -199,10 +199,8 @@ def corruptions(raw: bytes, rng: random.Random, flips: int) -> dict[str, bytes |
     """Seeded damage to a file's bytes; None stands for a directory in its place."""
     other = b"PK\x03\x04" if raw.startswith(b"\x89PNG") else b"\x89PNG\r\n\x1a\n"
     found: dict[str, bytes | None] = {"empty": b"", "directory": None, "other format": other + raw[len(other) :]}
-    for _ in range(flips):
-        cut = rng.randrange(len(raw))
+    for cut, at in zip(rng.sample(range(len(raw)), flips), rng.sample(range(len(raw)), flips), strict=True):
         found[f"truncated at {cut}"] = raw[:cut]
-        at = rng.randrange(len(raw))
         found[f"byte {at} flipped"] = raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :]
     return found
 

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Spli
             if (raw / filename).exists() and not unpacked.exists():
                 try:
                     extract_archive(str(raw / filename), str(raw))
-                except (OSError, EOFError) as e:
+                except (OSError, EOFError, zlib.error) as e:
                     unpacked.unlink(missing_ok=True)  # a half-written file would hide the archive next time
                     raise VaekitError(f"cannot unpack {raw / filename}: {e}") from None
     splits = {}
@@ -150,7 +151,7 @@ def _read_amat(path: Path) -> torch.Tensor:
     try:
         with opener(path, "rb") as f:
             text = np.frombuffer(f.read(), dtype=np.uint8)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise VaekitError(f"cannot read {path}: {e}") from None
     bits = text[(text == ord("0")) | (text == ord("1"))] - ord("0")
     lines = sum(1 for line in text.tobytes().splitlines() if line.strip())

@@ -4,19 +4,20 @@ The command's handler never raises into the code it interrupts: an exception thr
 library's import or of a drawing can leave that library broken and end in a traceback (or worse) instead of a clean
 stop. It removes the temporary files being written, says one line and exits at once. Training replaces it with its
 own handler, which saves a checkpoint first.
+
+The command imports this module first, before anything heavy, so it imports little itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MESSAGES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
@@ -24,17 +25,21 @@ MESSAGES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"
 _pending: set[Path] = set()  # temporary files and folders being written, which a stop must remove
 
 
-@contextlib.contextmanager
-def held() -> Iterator[None]:
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class held:
     """SIGINT and SIGTERM wait until the block ends (in the main thread; elsewhere they cannot be handled anyway)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def __enter__(self) -> None:
+        self._previous = None
+        if hasattr(signal, "pthread_sigmask") and _in_main_thread():
+            self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
 
 
 def track(path: Path) -> None:
@@ -49,33 +54,45 @@ def untrack(path: Path) -> None:
 
 def discard() -> None:
     """Remove every temporary file and folder being written."""
+    import shutil
+
     for path in list(_pending):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (contextlib is one more import before the handlers are in place)
                 path.unlink()
+            except OSError:
+                pass
         _pending.discard(path)
 
 
-def _stop(signum: int, frame: Any) -> None:
+def _stop(signum: int, frame: object) -> None:
     discard()
-    with contextlib.suppress(Exception):  # output printed so far still reaches a pipe, unless stdout is mid-write
+    try:  # noqa: SIM105 (as above). Output printed so far still reaches a pipe, unless stdout is mid-write.
         sys.stdout.flush()
+    except Exception:
+        pass
     os.write(2, f"vaekit: {MESSAGES[signal.Signals(signum)]}\n".encode())
     os._exit(128 + signum)
 
 
-@contextlib.contextmanager
-def handled() -> Iterator[None]:
+class handled:
     """Within the block, SIGINT and SIGTERM remove the temporary files, print one line and exit with 128 + the
     signal (in the main thread only: elsewhere a handler cannot be installed)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _stop) for s in SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
+
+    def __enter__(self) -> None:
+        self._previous = {s: signal.signal(s, _stop) for s in SIGNALS} if _in_main_thread() else {}
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def main() -> int:
+    """The `vaekit` command, with SIGINT and SIGTERM handled before anything else is imported: a signal while the
+    command starts (importing torch takes a second or two) ends it as cleanly as one later on."""
+    with handled():
+        from .cli import main as command
+
+        return command()
