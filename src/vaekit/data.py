@@ -107,23 +107,22 @@ def _digits(cfg: DataConfig, root: Path) -> dict[str, Split]:
 
 def _torchvision(class_name: str, cfg: DataConfig, root: Path) -> dict[str, Split]:
     import torchvision.datasets as tvd
+    from torchvision.datasets.utils import extract_archive
 
     cls = getattr(tvd, class_name)
     raw = root / class_name / "raw"
-    if not cfg.download:
-        # Archives copied in by hand are unpacked here, since torchvision only unpacks as part of a download.
-        from torchvision.datasets.utils import extract_archive
-
-        for filename, _ in cls.resources:
-            unpacked = raw / Path(filename).stem
-            if unpacked.exists() and unpacked.stat().st_size == 0:
-                unpacked.unlink()  # left by a failed unpacking: unpack again
-            if (raw / filename).exists() and not unpacked.exists():
-                try:
-                    extract_archive(str(raw / filename), str(raw))
-                except (OSError, EOFError, zlib.error) as e:
-                    unpacked.unlink(missing_ok=True)  # a half-written file would hide the archive next time
-                    raise VaekitError(f"cannot unpack {raw / filename}: {e}") from None
+    # Archives already there are unpacked here, since torchvision only unpacks as part of a download (which would
+    # first fetch anew any archive whose checksum is not that of its own copy).
+    for filename, _ in cls.resources:
+        unpacked = raw / Path(filename).stem
+        if unpacked.exists() and unpacked.stat().st_size == 0:
+            unpacked.unlink()  # left by a failed unpacking: unpack again
+        if (raw / filename).exists() and not unpacked.exists():
+            try:
+                extract_archive(str(raw / filename), str(raw))
+            except (OSError, EOFError, zlib.error) as e:
+                unpacked.unlink(missing_ok=True)  # a half-written file would hide the archive next time
+                raise VaekitError(f"cannot unpack {raw / filename}: {e}") from None
     splits = {}
     for split, train in (("train", True), ("test", False)):
         try:
