@@ -90,9 +90,12 @@ class handled:
 
 
 def main() -> int:
-    """The `vaekit` command, with SIGINT and SIGTERM handled before anything else is imported: a signal while the
-    command starts (importing torch takes a second or two) ends it as cleanly as one later on."""
-    with handled():
-        from .cli import main as command
+    """The `vaekit` command, with SIGINT and SIGTERM handled from before anything else is imported to the process's
+    end: a signal while the command starts (importing torch takes a second or two) or while Python shuts down after
+    it ends the process as cleanly as one in between."""
+    if _in_main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _stop)
+    from .cli import main as command
 
-        return command()
+    return command()
