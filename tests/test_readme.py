@@ -5,7 +5,6 @@ import os
 import re
 import shlex
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +148,7 @@ def test_every_command_and_snippet_of_the_readme_runs_as_written(tmp_path, monke
         else:
             assert text.startswith("vaekit "), f"a README command this test does not know how to run: {text}"
             capsys.readouterr()
-            began = time.perf_counter()
             code = main(_argv(text, tmp_path))
             assert code == 0, (text, capsys.readouterr().err[-500:])
-            with capsys.disabled():
-                print(f"{time.perf_counter() - began:6.1f} s  {text}")
         ran += 1
     assert ran >= 45

@@ -31,8 +31,6 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from typing import Any
-
     from .config import PRESETS, Config, DataConfig, ModelConfig, TrainConfig, make_config
     from .data import Dataset, Split, load_data
     from .errors import VaekitError
@@ -91,7 +89,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _WHERE:
         value = globals()[name] = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
         return value
