@@ -79,6 +79,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest checkpoints kept in RUN/checkpoints
     patience: int = 0  # early stopping: epochs without a lower validation loss before training stops; 0: off
     skip_limit: int = 20  # updates with a non-finite loss or gradient are skipped; this many in a row stop the run
+    compile: str = "auto"  # the step through torch.compile: on, off, or auto (on for long runs on a GPU)
+    precision: str = "fp32"  # fp32, or bf16: the networks under bfloat16 autocast, the likelihood and ELBO in fp32
 
 
 @dataclass
@@ -361,6 +363,8 @@ def validate(cfg: Config) -> None:
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "an integer >= 1"),
         ("train.patience", cfg.train.patience >= 0, "an integer >= 0 (0: no early stopping)"),
         ("train.skip_limit", cfg.train.skip_limit >= 1, "an integer >= 1"),
+        ("train.compile", cfg.train.compile in ("auto", "on", "off"), "auto, on or off"),
+        ("train.precision", cfg.train.precision in ("fp32", "bf16"), "fp32 or bf16"),
         ("data.validation", cfg.data.validation >= 0, "an integer >= 0"),
         ("data.image_size", 1 <= cfg.data.image_size <= 4096, "an integer from 1 to 4096"),
         ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),

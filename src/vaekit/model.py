@@ -39,6 +39,11 @@ def draw(
     return mean + torch.exp(0.5 * logvar) * eps
 
 
+def _fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Network outputs in float32 where autocast made them bfloat16 or float16: the likelihood and KL sum in float32."""
+    return tuple(t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors)
+
+
 class VAE(nn.Module):
     """A variational auto-encoder for examples of a fixed shape."""
 
@@ -100,16 +105,17 @@ class VAE(nn.Module):
         term is evaluated at the draws, as importance weights need. posterior, if given, is encode(x) already computed.
         With common, all examples share the same standard-normal noise, so that each one's result depends on it alone.
         """
-        mean, logvar = posterior if posterior is not None else self.encoder(x)
+        mean, logvar = _fp32(*(posterior if posterior is not None else self.encoder(x)))
         z1 = z = draw(mean, logvar, generator, k, common)
         kl = []
         if self.config.latent2:
-            mean2, logvar2 = self.encoder2(z1)
+            mean2, logvar2 = _fp32(*self.encoder2(z1))
             z2 = draw(mean2, logvar2, generator, common=common)
-            kl.append(log_normal(z1, mean, logvar) - log_normal(z1, *self.prior1(z2)))
+            kl.append(log_normal(z1, mean, logvar) - log_normal(z1, *_fp32(*self.prior1(z2))))
             mean, logvar, z = mean2, logvar2, z2
         kl.append(kl_normal(mean, logvar).expand_as(z) if analytic else log_normal(z, mean, logvar) - log_normal(z))
-        return self.likelihood.log_prob(x, self.decoder(z1)), torch.cat(kl, -1)
+        (params,) = _fp32(self.decoder(z1))
+        return self.likelihood.log_prob(x, params), torch.cat(kl, -1)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-example negative ELBO in nats: reconstruction cross-entropy plus KL."""

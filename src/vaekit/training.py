@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,9 +22,10 @@ from .config import Config, make_config, override, run_name
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
 from .files import check_writable, start_record, write_json, write_text
-from .model import VAE, mean_loss, objective
+from .model import VAE, mean_loss
 from .optim import make_optimizer, pick_device
 from .run import ARTIFACTS, Run, save_model
+from .step import Step
 
 
 def _run_dir(out: str | Path | None, cfg: Config) -> Path:
@@ -91,25 +91,21 @@ class _Signals:
             signal.signal(s, handler)
 
 
-def _finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
-    """Whether the loss and every gradient are finite (one device sync per step)."""
-    # A sum is finite exactly when all its terms are (or it overflows, which no sane update does); sums cost half of
-    # what norms do on a CPU.
-    sums = torch.stack([p.grad.sum() for p in params if p.grad is not None])
-    return bool(torch.isfinite(loss.detach() + sums.sum()))
-
-
 def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
     """What a checkpoint must have been made with to be resumed: the settings, and a fingerprint of the data."""
     settings = cfg.to_dict()
-    # These may differ: the number of epochs (--epochs), where the data are found, and the device's name.
-    for section, key in (("train", "epochs"), ("data", "root"), ("data", "download"), ("train", "device")):
+    # These may differ: the number of epochs (--epochs), where the data are found, the device's name and whether the
+    # step is compiled (the same updates, made faster).
+    for section, key in (("train", "epochs"), ("data", "root"), ("data", "download"), ("train", "device"),
+                         ("train", "compile")):  # fmt: skip
         del settings[section][key]
     # Settings added since 0.1.0 are recorded only where they differ from their defaults, so that checkpoints made
     # before they existed still resume.
-    for key, default in (("classes", []), ("label_column", ""), ("one_hot", False)):
-        if settings["data"][key] == default:
-            del settings["data"][key]
+    added = (("data", "classes", []), ("data", "label_column", ""), ("data", "one_hot", False),
+             ("train", "precision", "fp32"))  # fmt: skip
+    for section, key, default in added:
+        if settings[section][key] == default:
+            del settings[section][key]
     return {"settings": settings, "data": data.fingerprint()}
 
 
@@ -251,8 +247,8 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     say = print if verbose else (lambda *a, **k: None)
     say(f"run directory: {run.dir}" + (f" (resuming from {start.name})" if start else ""))
     say(_settings(cfg, run.data))
-    params = list(model.parameters())
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
+    update = Step(cfg, model, s.optimizer, steps * (t.epochs - p.epoch) - p.step, say)
 
     def checkpoint() -> Path:
         return save_checkpoint(run.dir, model, s.optimizer, s.shuffle, p, s.identity, t.keep_checkpoints)
@@ -268,25 +264,21 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
             model.train()
             bar = tqdm(range(p.step, steps), desc=f"epoch {p.epoch + 1}/{t.epochs}", initial=p.step, total=steps,
                        leave=False, disable=not verbose or None)  # fmt: skip
+            flags: list[torch.Tensor] = []  # whether each step since the flags were last read made its update
             for step in bar:
                 x = x_train[order[step * bs : (step + 1) * bs]]
                 if cfg.data.binarize:
                     x = torch.bernoulli(x)
                 beta = t.beta * min(1.0, (p.epoch + step / steps) / t.warmup) if t.warmup else t.beta
-                loss = objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
-                s.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if _finite(loss, params):
-                    if t.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-                    s.optimizer.step()
-                    total += loss.detach()
-                    p.used, p.bad = p.used + len(x), 0
-                else:
-                    p.skipped, p.bad = p.skipped + 1, p.bad + 1
-                    _skipped(p, run.dir, t.skip_limit, bar)
-                p.step, p.global_step = step + 1, p.global_step + 1
-                if signals.received or (t.checkpoint_every and p.global_step % t.checkpoint_every == 0 and not p.bad):
+                loss, made = update(x, beta)
+                total += torch.where(made, loss, 0.0)
+                flags.append(made)
+                p.global_step += 1
+                due = t.checkpoint_every and p.global_step % t.checkpoint_every == 0
+                if len(flags) == update.window or due or signals.received or step == steps - 1:
+                    _account(p, flags, step + 1, n, bs, run.dir, t.skip_limit, bar)
+                    flags = []
+                if signals.received or (due and not p.bad):
                     p.seconds = time.perf_counter() - began
                     saved = checkpoint()
                     if signals.received:
@@ -339,19 +331,29 @@ def _report(row: dict[str, Any]) -> str:
     return f"epoch {row['epoch']:3d}  {losses}{skipped}  ({row['seconds']:.2f} s)"
 
 
-def _skipped(p: Progress, run_dir: Path, limit: int, bar: Any) -> None:
-    """Report an update skipped for a non-finite loss or gradient; stop training after limit in a row."""
-    if p.bad >= limit:
-        found = listing(run_dir)
-        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
-        raise VaekitError(
-            f"training stopped: the loss or its gradients were not finite in {limit} steps in a row (epoch "
-            f"{p.epoch + 1}, step {p.step + 1}); {last}; try a lower --lr or --set train.clip_grad=..."
-        )
-    if p.skipped == 1:
-        bar.write(
-            f"epoch {p.epoch + 1}, step {p.step + 1}: non-finite loss or gradient, update skipped", file=sys.stderr
-        )
+def _account(p: Progress, flags: list[torch.Tensor], end: int, n: int, bs: int, run_dir: Path, limit: int, bar: Any
+             ) -> None:  # fmt: skip
+    """Count the steps before step `end` whose finite flags are given: examples used, updates skipped (reported at
+    the first), and a stop after `limit` skipped in a row."""
+    made = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+    for step, ok in enumerate(made, end - len(made)):
+        p.step = step + 1
+        if ok:
+            p.used, p.bad = p.used + min(bs, n - step * bs), 0
+            continue
+        p.skipped, p.bad = p.skipped + 1, p.bad + 1
+        if p.bad >= limit:
+            found = listing(run_dir)
+            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
+            raise VaekitError(
+                f"training stopped: the loss or its gradients were not finite in {limit} steps in a row (epoch "
+                f"{p.epoch + 1}, step {p.step}); {last}; try a lower --lr or --set train.clip_grad=..."
+            )
+        if p.skipped == 1:
+            bar.write(
+                f"epoch {p.epoch + 1}, step {p.step}: non-finite loss or gradient, update skipped", file=sys.stderr
+            )
+    p.step = end
 
 
 def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float) -> None:

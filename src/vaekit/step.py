@@ -1,0 +1,123 @@
+"""The training step: one update of the model on one batch, run eagerly or through torch.compile, with its
+non-finite guard kept on the device so that a step need not wait for the device to finish the one before.
+
+The same `Step` serves every device. On a GPU, `torch.compile(mode="reduce-overhead")` replays the step's kernels as
+CUDA graphs; on a CPU it fuses the element-wise work in generated C++. Either way the optimizer skips an update whose
+loss or gradient is not finite by itself (the fused optimizers' `found_inf`), and the loop reads the finite flags
+only every `window` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .config import Config
+from .model import VAE, objective
+
+# A run with fewer steps than this trains eagerly under train.compile = "auto": compiling the step takes from seconds
+# to a minute, which a short run does not win back.
+AUTO_COMPILE_STEPS = 20_000
+# Steps between reads of the finite flags when the optimizer skips by itself: a read waits for the device to finish.
+WINDOW = 50
+
+
+def finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether the loss and every gradient are finite, as a boolean tensor on their device (read without a sync)."""
+    # A sum is finite exactly when all its terms are (or it overflows, which no sane update does); sums cost half of
+    # what norms do on a CPU.
+    sums = torch.stack([p.grad.sum() for p in params if p.grad is not None])
+    return torch.isfinite(loss.detach() + sums.sum())
+
+
+def compile_reason(cfg: Config, device: torch.device, steps: int) -> str:
+    """Why the step runs eagerly, or "" when it is compiled, for train.compile and a run of `steps` steps."""
+    t = cfg.train
+    if t.compile == "off":
+        return "train.compile is off"
+    if t.compile == "auto" and device.type != "cuda":
+        return f"train.compile = auto compiles on CUDA GPUs only, and this run is on {device.type}"
+    if t.compile == "auto" and steps < AUTO_COMPILE_STEPS:
+        return f"train.compile = auto compiles runs of {AUTO_COMPILE_STEPS} steps or more, and this one has {steps}"
+    if t.warmup:
+        return "the KL warm-up (train.warmup) changes the objective at every step"
+    if device.type == "mps":
+        return "torch.compile does not support MPS"
+    return ""
+
+
+class Step:
+    """One update: objective, gradients, finite check, clipping and the optimizer's step, eager or compiled."""
+
+    def __init__(
+        self, cfg: Config, model: VAE, optimizer: torch.optim.Optimizer, steps: int, say: Callable[[str], Any] = print
+    ) -> None:
+        t, device = cfg.train, model.device
+        self.model, self.optimizer, self.clip = model, optimizer, t.clip_grad
+        self.params = list(model.parameters())
+        self.reason = compile_reason(cfg, device, steps)
+        # How the step runs is said after the first one (when a compile has worked or failed), unless it is the usual.
+        self.say = say if t.compile != "auto" or not self.reason else lambda line: None
+        self.mode = "reduce-overhead" if device.type == "cuda" else "default"
+        # Fused optimizers skip an update themselves when found_inf is set; others need the flag read at every step.
+        self.on_device = bool(optimizer.defaults.get("fused"))
+        # How many steps the loop may go without reading the finite flags: each read waits for the device.
+        self.window = WINDOW if self.on_device else 1
+        precision = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
+        )
+
+        def summed(x: torch.Tensor, beta: float) -> torch.Tensor:
+            with precision:
+                return objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
+
+        self.tried = False  # whether a step has run: only the first one can fail to compile
+        self.eager: Callable[[torch.Tensor, float], torch.Tensor] = summed
+        self.objective = self.eager if self.reason else torch.compile(summed, dynamic=False, mode=self.mode)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the objective and its gradient run through torch.compile."""
+        return self.objective is not self.eager
+
+    def __call__(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the model on the batch x; returns the summed loss and whether the update was made (both on the
+        device: reading them waits for it)."""
+        if self.tried:
+            return self._update(x, beta)
+        self.tried = True
+        try:
+            result = self._update(x, beta)
+        except Exception as e:  # compiling fails without a C++ compiler, or on what torch.compile cannot trace
+            if not self.compiled:
+                raise
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.objective, self.reason = self.eager, f"torch.compile failed: {detail}"
+            result = self._update(x, beta)
+        self.say(self.describe())
+        return result
+
+    def _update(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update itself (see __call__); it fails, if at all, before the optimizer's step."""
+        if self.compiled and self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer needed
+        loss = self.objective(x, beta)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ok = finite(loss, self.params)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.on_device:
+            # Read by the fused kernels on the device: they leave the parameters, moments and step count as they are.
+            self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+            self.optimizer.step()
+        elif ok:
+            self.optimizer.step()
+        return loss.detach(), ok
+
+    def describe(self) -> str:
+        """How the step runs, in a few words."""
+        return f"step compiled ({self.mode})" if self.compiled else f"step eager ({self.reason})"

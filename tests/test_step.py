@@ -1,0 +1,181 @@
+"""The training step: the guard that skips non-finite updates on the device, flags read every few steps, bf16
+autocast with the ELBO in float32, and the compiled step (torch.compile on the CPU; CUDA graphs where a GPU is)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_resume import DIVERGES, _with_train_x, assert_same_run, quiet
+
+import vaekit
+from vaekit.config import make_config
+from vaekit.model import VAE, log_weights
+from vaekit.optim import make_optimizer
+from vaekit.step import WINDOW, Step, compile_reason
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HAS_CXX = bool(os.environ.get("CXX") and shutil.which(os.environ["CXX"])) or bool(shutil.which("g++"))
+needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler (g++ or $CXX)")
+
+
+def _model_and_step(**train):
+    cfg = make_config("digits", overrides={f"train.{k}": v for k, v in train.items()})
+    torch.manual_seed(0)
+    model = VAE((1, 8, 8), cfg.model)
+    optimizer, _ = make_optimizer(cfg.train, model, torch.device("cpu"))
+    return model, optimizer, Step(cfg, model, optimizer, steps=100)
+
+
+def test_a_non_finite_step_leaves_weights_and_optimizer_state_as_they_were(digits):
+    """A batch with a NaN makes no update: parameters, Adam's moments and its step count are unchanged, and the
+    next finite batch updates exactly as if the bad one had never come (compared with a model that never saw it)."""
+    model, optimizer, step = _model_and_step()
+    assert step.on_device and step.window == WINDOW  # Adam on a CPU is fused: it skips by itself
+    x = digits.split("train").x[:64]
+    torch.manual_seed(1)
+    step(x, 1.0)
+    twin_model, twin_opt = copy.deepcopy((model, optimizer))  # one copy: the optimizer holds its parameters
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    bad = x.clone()
+    bad[3, 0, 2, 2] = math.nan
+    loss, made = step(bad, 1.0)
+    assert not made and not torch.isfinite(loss)
+    after = (model.state_dict(), optimizer.state_dict())
+    for a, b in zip(before[0].values(), after[0].values(), strict=True):
+        assert torch.equal(a, b)
+    for key, state in before[1]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, after[1]["state"][key][name]), name
+    # The twin takes the same finite step without the bad one in between: the same weights, bit for bit.
+    twin = Step(make_config("digits"), twin_model, twin_opt, steps=100)
+    torch.manual_seed(2)
+    _, made = step(x, 1.0)
+    torch.manual_seed(2)
+    twin(x, 1.0)
+    assert made
+    for a, b in zip(model.state_dict().values(), twin_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reading_the_flags_every_window_stops_where_reading_every_step_does(digits, tmp_path):
+    """A diverging run stops with the same message (epoch, step, last good checkpoint) and the same skip counts
+    whether the flags are read every WINDOW steps (fused Adam skips on the device) or after every step (an optimizer
+    that is not fused, whose step the loop must hold back)."""
+    settings = {**DIVERGES, "checkpoint_every": 0, "skip_limit": 30}
+    messages, skipped = [], []
+    for fused in (True, False):
+        args = {**settings, "optimizer_args": {"fused": fused}}
+        with pytest.raises(vaekit.VaekitError, match="not finite in 30 steps in a row") as e:
+            vaekit.train("digits", tmp_path / f"fused-{fused}", epochs=4, **quiet(dataset=digits, **args))
+        messages.append(str(e.value).replace(f"fused-{fused}", "RUN"))
+        skipped.append([r["skipped"] for r in vaekit.read_metrics(tmp_path / f"fused-{fused}")])
+    assert messages[0] == messages[1]
+    assert f"epoch 4, step {30 - 22}" in messages[0]  # 22 skipped steps end epoch 3
+    assert skipped[0] == skipped[1] == [0, 0, 22]
+
+
+def test_a_nan_example_is_counted_the_same_with_a_window_spanning_checkpoints(digits, tmp_path, capsys):
+    """Reading the flags late changes nothing a user sees: with checkpoints only at epoch ends (so the flags are
+    read at the window's and the epoch's end), one NaN example per epoch is one skipped update per epoch, reported
+    once each, and the run resumes exactly."""
+    x = digits.split("train").x.clone()
+    x[100] = math.nan
+    data = _with_train_x(digits, x)
+    capsys.readouterr()
+    run = vaekit.train("digits", tmp_path / "run", epochs=3, dataset=data, checkpoint_every=0, verbose=True)
+    assert [r["skipped"] for r in run.metrics] == [1, 1, 1]
+    assert capsys.readouterr().err.count("non-finite loss or gradient, update skipped") == 3
+    part = vaekit.train("digits", tmp_path / "part", epochs=1, dataset=data, checkpoint_every=0, verbose=False)
+    vaekit.resume(part.dir, epochs=3, dataset=data, verbose=False)
+    assert_same_run(run.dir, part.dir)
+
+
+def test_bf16_runs_the_networks_in_bfloat16_and_the_elbo_in_float32(digits):
+    """Under bf16 autocast the networks' matrix products are bfloat16, while the log-weights (likelihood and KL)
+    come out in float32 and agree with the float32 model's to within bfloat16's precision."""
+    model, _, _ = _model_and_step()
+    x = digits.split("train").x[:256]
+    seen = []
+    hook = model.decoder.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = log_weights(model, x, 4, generator=g)
+    hook.remove()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        full = log_weights(model, x, 4, generator=g)
+    assert seen == [torch.bfloat16] and low.dtype == torch.float32
+    rel = ((low - full).abs() / full.abs()).max().item()
+    assert 0 < rel < 0.02, rel  # bfloat16 has 8 significant bits: the results differ, but not by much
+
+
+def test_bf16_training_reaches_the_float32_loss(digits, tmp_path):
+    """train.precision = bf16 trains the digits model to within 2% of the float32 test loss."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = vaekit.train("digits", tmp_path / precision, epochs=15, precision=precision, **quiet(dataset=digits))
+        losses[precision] = run.metrics[-1]["test_loss"]
+    assert losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.02, losses
+
+
+def test_precision_is_part_of_a_runs_identity_and_compile_is_not(digits, tmp_path):
+    """A run resumes with another train.compile (the same updates), but not with another train.precision."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, compile="off", **quiet(dataset=digits))
+    (run.dir / "config.toml").write_text(run.config.to_toml().replace('compile = "off"', 'compile = "on"'))
+    vaekit.resume(run.dir, epochs=2, dataset=digits, verbose=False)
+    (run.dir / "config.toml").write_text(run.config.to_toml().replace('precision = "fp32"', 'precision = "bf16"'))
+    with pytest.raises(vaekit.VaekitError, match="precision"):
+        vaekit.resume(run.dir, epochs=3, dataset=digits, verbose=False)
+
+
+def test_compile_reasons():
+    """train.compile = auto compiles long runs on CUDA only; warm-up and MPS fall back to eager, saying why."""
+    cfg = make_config("digits")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "CUDA GPUs only" in compile_reason(cfg, cpu, 10**6)
+    assert "20000 steps or more" in compile_reason(cfg, cuda, 100)
+    assert compile_reason(cfg, cuda, 10**6) == ""
+    assert compile_reason(make_config("digits", overrides={"train.compile": "on"}), cpu, 1) == ""
+    assert "off" in compile_reason(make_config("digits", overrides={"train.compile": "off"}), cuda, 10**6)
+    warm = make_config("digits", overrides={"train.compile": "on", "train.warmup": 2})
+    assert "warm-up" in compile_reason(warm, cpu, 10**6)
+    assert "MPS" in compile_reason(make_config("digits", overrides={"train.compile": "on"}), torch.device("mps"), 1)
+
+
+@needs_cxx
+def test_the_compiled_step_trains_like_the_eager_one_and_resumes_exactly(digits, tmp_path, capsys):
+    """train.compile = on compiles the step with torch.compile: it says so, reaches the eager test loss within
+    noise, and a compiled run stopped after an epoch and resumed ends bit for bit as an uninterrupted one."""
+    capsys.readouterr()
+    full = vaekit.train("digits", tmp_path / "full", epochs=3, compile="on", checkpoint_every=5, dataset=digits)
+    assert "step compiled (default)" in capsys.readouterr().out
+    eager = vaekit.train("digits", tmp_path / "eager", epochs=3, compile="off", **quiet(dataset=digits))
+    assert full.metrics[-1]["test_loss"] != eager.metrics[-1]["test_loss"]  # inductor draws its own noise
+    assert abs(full.metrics[-1]["test_loss"] - eager.metrics[-1]["test_loss"]) < 0.5
+    compiled = quiet(dataset=digits, compile="on", checkpoint_every=5)
+    part = vaekit.train("digits", tmp_path / "part", epochs=1, **compiled)
+    vaekit.resume(part.dir, epochs=3, dataset=digits, verbose=False)
+    assert_same_run(full.dir, part.dir)
+    assert len(vaekit.read_metrics(full.dir)) == 3
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path):
+    """Without a working C++ compiler torch.compile fails on a CPU: training says why in one line and goes on
+    eagerly to the end."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "vaekit", "train", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-plots"]
+    done = subprocess.run([*cmd, "--set", "train.compile=on"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert lines == [lines[0]] and lines[0].startswith("step eager (torch.compile failed:"), done.stdout
+    assert "Traceback" not in done.stderr
+    assert len(vaekit.read_metrics(tmp_path / "run")) == 1
