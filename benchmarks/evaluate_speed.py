@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import matmul_bound, sync
 from torch.distributions import Normal
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,26 +36,6 @@ ARCHITECTURES = {
     "seed (784-256-2 relu)": ModelConfig(hidden=[256], latent=2, activation="relu"),
     "iwae-1l (784-200-200-50 tanh)": ModelConfig(hidden=[200, 200], latent=50, activation="tanh"),
 }
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that timings cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_bound(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
-    """The best FLOP/s of an n x n float32 matrix product."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 @torch.no_grad()

@@ -87,6 +87,8 @@ OUT_OF_RANGE = {
     "train.keep_checkpoints": st.integers(max_value=0),
     "train.patience": st.integers(max_value=-1),
     "train.skip_limit": st.integers(max_value=0),
+    "train.compile": st.text(max_size=8).filter(lambda v: v not in ("auto", "on", "off")),
+    "train.precision": st.text(max_size=8).filter(lambda v: v not in ("fp32", "bf16")),
     "train.objective": words.filter(lambda t: t not in ("elbo", "iwae")),
     "model.latent": st.integers(max_value=0) | st.integers(min_value=BIG + 1),
     "model.latent2": st.integers(max_value=-1) | st.integers(min_value=BIG + 1),
@@ -164,6 +166,7 @@ VALID = {
         "scheduler": st.text(max_size=10), "scheduler_args": arguments, "clip_grad": _floats(0),
         "checkpoint_every": st.integers(0, 2**63 - 1), "keep_checkpoints": st.integers(1, 2**63 - 1),
         "patience": st.integers(0, 2**63 - 1), "skip_limit": st.integers(1, 2**63 - 1),
+        "compile": st.sampled_from(["auto", "on", "off"]), "precision": st.sampled_from(["fp32", "bf16"]),
     }),
 }  # fmt: skip
 
