@@ -61,6 +61,8 @@ class Step:
         self.reason = compile_reason(cfg, device, steps)
         # How the step runs is said after the first one (when a compile has worked or failed), unless it is the usual.
         self.say = say if t.compile != "auto" or not self.reason else lambda line: None
+        if t.precision == "bf16" and device.type == "cpu":
+            say("train.precision = bf16 on a CPU: without bfloat16 units (most CPUs) it is slower than fp32")
         self.mode = "reduce-overhead" if device.type == "cuda" else "default"
         # Fused optimizers skip an update themselves when found_inf is set; others need the flag read at every step.
         self.on_device = bool(optimizer.defaults.get("fused"))
@@ -76,7 +78,9 @@ class Step:
 
         self.tried = False  # whether a step has run: only the first one can fail to compile
         self.eager: Callable[[torch.Tensor, float], torch.Tensor] = summed
-        self.objective = self.eager if self.reason else torch.compile(summed, dynamic=False, mode=self.mode)
+        self.objective: Callable[[torch.Tensor, float], torch.Tensor] = (
+            self.eager if self.reason else torch.compile(summed, dynamic=False, mode=self.mode)
+        )
 
     @property
     def compiled(self) -> bool:

@@ -101,8 +101,8 @@ def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
         del settings[section][key]
     # Settings added since 0.1.0 are recorded only where they differ from their defaults, so that checkpoints made
     # before they existed still resume.
-    added = (("data", "classes", []), ("data", "label_column", ""), ("data", "one_hot", False),
-             ("train", "precision", "fp32"))  # fmt: skip
+    added: list[tuple[str, str, Any]] = [("data", "classes", []), ("data", "label_column", ""),
+                                         ("data", "one_hot", False), ("train", "precision", "fp32")]  # fmt: skip
     for section, key, default in added:
         if settings[section][key] == default:
             del settings[section][key]
