@@ -28,6 +28,7 @@ _EXPORTS = {
     "uses.detector": ["AnomalyDetector"],
     "uses.evaluation": ["Evaluation", "estimate", "evaluate"],
     "uses.generation": ["decode", "encode", "interpolate", "manifold", "reconstruct", "sample"],
+    "uses.report": ["report"],
 }
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from .uses.detector import AnomalyDetector
     from .uses.evaluation import Evaluation, estimate, evaluate
     from .uses.generation import decode, encode, interpolate, manifold, reconstruct, sample
+    from .uses.report import report
 
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "PRESETS",
     "read_metrics",
     "reconstruct",
+    "report",
     "resume",
     "Run",
     "sample",

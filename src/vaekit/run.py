@@ -49,6 +49,7 @@ ARTIFACTS = {
     "decoded": "decoded.png",
     "fingerprint": "data.json",  # the data trained on: from where (its name, or memory), each split's size and SHA-256
     "record": RECORD,  # every file vaekit wrote in the run: nothing else there is replaced or removed
+    "report": "report.html",  # what `report` writes: one self-contained page, opened from disk
 }
 CONFIG, WEIGHTS, DESCRIPTION, METRICS = (ARTIFACTS[k] for k in ("config", "weights", "description", "metrics"))
 FORMAT = "vaekit-model"

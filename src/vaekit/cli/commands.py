@@ -68,6 +68,7 @@ def out(default: str, npy: str = "") -> tuple[Arg, ...]:
     arg("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIMESTAMP)"),
     arg("--resume", metavar="RUN", help=RESUME),
     arg("--no-plots", action="store_true", help="skip drawing plots at the end"),
+    arg("--no-report", action="store_true", help="skip writing RUN/report.html at the end"),
     arg("-q", "--quiet", action="store_true", help="print only the run directory"),
     takes_run=False,
 )
@@ -99,6 +100,12 @@ def _train(a: argparse.Namespace) -> None:
         plot(run)
         if not a.quiet:
             print(f"plots: {run.path('plots')}")
+    if not a.no_report:
+        from ..uses.report import report
+
+        page = report(run)
+        if not a.quiet:
+            print(f"report: {page}")
     print(run.dir)
 
 
@@ -123,6 +130,26 @@ def _evaluate(a: argparse.Namespace) -> None:
     print(table(s))
     if not a.no_save:
         print(f"wrote {open_run(a.run).evaluation_path(a.split, s.get('first'))}")
+
+
+@command(
+    ("vaekit report runs/digits-20260101-120000", "vaekit report runs/a runs/b -o compare.html"),
+    arg("runs", nargs="+", metavar="RUN", help="one run, or several to compare side by side"),
+    arg("-o", "--out", metavar="HTML", help="the page to write (default: RUN/report.html; needed for several runs)"),
+    arg("--points", type=int, default=1500, help="test examples in the latent explorer"),
+    arg("--data-dir", metavar="DIR", help="where the runs' data are now, if they moved"),
+    takes_run=False,
+)
+def _report(a: argparse.Namespace) -> None:
+    """Write one self-contained HTML page of runs: settings, curves, evaluation, images and a latent explorer.
+
+    The page needs no server and makes no network request: open it from disk, mail it. MLP decoders run in the page,
+    so dragging on the latent map decodes the point under the cursor.
+    """
+    from ..run import open_run
+    from ..uses.report import report
+
+    print(f"wrote {report([open_run(r, data_dir=a.data_dir) for r in a.runs], a.out, points=a.points)}")
 
 
 def _default(a: argparse.Namespace, name: str) -> Path | None:
