@@ -92,6 +92,11 @@ def test_rate_follows_the_elbo_and_the_initial_bits_are_reported(binary, tmp_pat
     expected = r["neg_elbo_bits_per_dim"] + r["initial_bits"] / r["dims"]
     assert abs(r["payload_bits_per_dim"] - expected) < 0.01 * expected, r
     assert 0 < r["initial_bits"] <= 2 * 12 * 8 + 64
+    # The run records the rates it measured, and its report shows them.
+    recorded = json.loads((run / "compression.json").read_text())
+    assert recorded["bits_per_dim"] == r["bits_per_dim"] and recorded["input"] == str(data)
+    page = vaekit.report(run, tmp_path / "report.html").read_text()
+    assert "compression (the last compress --report)" in page and '"codecs.gzip -9"' in page
 
 
 @pytest.mark.parametrize("likelihood,levels,dtype", [("bernoulli", 2, np.bool_), ("bernoulli", 2, np.float32),

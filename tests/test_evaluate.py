@@ -448,3 +448,18 @@ def test_evaluate_refuses_a_model_with_nan_weights_and_writes_nothing(pristine_r
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "NaN" in err, err
     assert not (run / "evaluation.json").exists() and not (run / "evaluation.npz").exists()
+
+
+def test_active_units_count_the_dimensions_whose_mean_varies_more_than_a_hundredth():
+    """A linear encoder whose posterior means are c_j * x_0, with x_0 half zeros and half ones (variance 1/4): the
+    means vary by c_j^2 / 4 = 0.05, 0.005, 0.5 and 0 over the data, so exactly two units pass Burda et al.'s 0.01
+    (a threshold of 0.1 or 0.001 would give one or three)."""
+    model = VAE((1, 2, 2), ModelConfig(hidden=[], latent=4))
+    weight, bias = model.encoder.net[0].weight, model.encoder.net[0].bias
+    with torch.no_grad():
+        weight.zero_(), bias.zero_()
+        weight[:4, 0] = torch.tensor([0.2, 0.02, 2.0, 0.0]).sqrt()  # the means; the log-variances stay 0
+    x = torch.zeros(64, 1, 2, 2)
+    x[::2, 0, 0, 0] = 1.0
+    result = estimate(model, x, k=2, progress=False)
+    assert result.active_units == [2]

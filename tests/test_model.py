@@ -89,3 +89,17 @@ def test_bernoulli_log_prob_value_and_gradient_match_torch():
         lambda a, b: Bernoulli((30,), ModelConfig()).log_prob(b, a),
         (ours.detach()[:, :8].requires_grad_(), x.double()[:, :8].requires_grad_()),
     )
+
+
+def test_every_custom_autograd_function_has_the_gradient_of_its_forward():
+    """torch.autograd.gradcheck (float64, finite differences) of the fast tanh and the Bernoulli log-probability,
+    whose backward passes are written by hand: a wrong closed form (1 - y instead of 1 - y**2, say) fails here."""
+    from vaekit.likelihoods import _BernoulliLogProb
+    from vaekit.nets import _TanhFunction
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(_TanhFunction.apply, (x,))
+    logits = (torch.randn(4, 7, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    data = torch.rand(4, 7, generator=g, dtype=torch.float64).requires_grad_()  # grey levels: x is differentiable too
+    assert torch.autograd.gradcheck(_BernoulliLogProb.apply, (logits, data))

@@ -4,6 +4,7 @@ PyTorch's. The browser tests skip when Playwright or Chromium is missing; `.ci/r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,10 +68,21 @@ def test_aligning_two_maps_keeps_every_points_latent_and_brings_them_together(ru
     pages = [page_data(runs["mlp"], points=300), page_data(runs["mlp3"], points=300)]
     before = _latents(pages[1]["explorer"])
     distance = np.abs(_coords(pages[1]["explorer"]) - _coords(pages[0]["explorer"])).mean()
-    _align(pages)
+    _align(pages, [runs["mlp"], runs["mlp3"]])
     np.testing.assert_allclose(_latents(pages[1]["explorer"]), before, atol=1e-4)
     assert np.abs(_coords(pages[1]["explorer"]) - _coords(pages[0]["explorer"])).mean() < distance
     assert pages[1]["explorer"]["aligned"] == 300
+    # Maps of other examples are left as they are: pairing them by index would mean nothing.
+    other = [page_data(runs["mlp"], points=300), page_data(runs["mlp3"], points=200)]
+    coords = other[1]["explorer"]["coords"]
+    _align(other, [runs["mlp"], runs["mlp3"]])
+    assert other[1]["explorer"]["coords"] == coords and "aligned" not in other[1]["explorer"]
+
+
+def _data(page: str) -> list[dict]:
+    """The runs' data a report page holds."""
+    block = page[page.index('<script type="application/json" id="data">') :].split(">", 1)[1].split("</script>")[0]
+    return json.loads(block)
 
 
 def test_the_page_is_self_contained(runs, tmp_path):
@@ -81,7 +93,34 @@ def test_the_page_is_self_contained(runs, tmp_path):
     assert not re.search(r"(src|href)=\"(?!data:)", page)
     assert "http://" not in page and "https://" not in page
     assert "default-src 'none'" in page
-    assert "evaluation (evaluation-first50.json)" in page and "<polyline" in page and "latent = 2" in page
+    (data,) = _data(page)
+    assert "evaluation (evaluation-first50.json)" in data["tables"] and "<polyline" in data["curves"]
+    assert "latent = 2" in data["settings"]
+
+
+def test_names_that_look_like_markup_cannot_break_the_page(runs, tmp_path):
+    """A run named like the end of a script element and an HTML comment: the page's data holds no "<" at all and
+    still reads back as the same JSON, and the title shows the name escaped."""
+    run = tmp_path / "x<!--<script>{{script}}"
+    shutil.copytree(runs["mlp"].dir, run)
+    page = report(run, tmp_path / "r.html", points=50).read_text()
+    block = page[page.index('<script type="application/json" id="data">') :].split(">", 1)[1].split("</script>")[0]
+    assert "<" not in block
+    assert _data(page)[0]["name"] == run.name
+    assert "<title>vaekit report: x&lt;!--&lt;script&gt;{{script}}</title>" in page
+
+
+def test_a_damaged_result_is_shown_as_unreadable_and_one_point_is_a_map(runs, tmp_path):
+    """A run's damaged evaluation.json becomes a note in the page, not a failed report (training writes one at its
+    end); a map of a single example (PCA of one point) is still a plane."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp3"].dir, run)
+    (run / "evaluation.json").write_text("{")
+    page = report(run, tmp_path / "r.html", points=1).read_text()
+    assert "unreadable" in page and "evaluation.json" in page
+    e = page_data(run, points=1)["explorer"]
+    assert e["n"] == 1 and np.array(e["axes"]).shape == (2, 3)
+    np.testing.assert_allclose(np.array(e["axes"]) @ np.array(e["axes"]).T, np.eye(2), atol=1e-6)
 
 
 def test_the_report_command(runs, tmp_path, capsys):
@@ -198,14 +237,17 @@ def test_dragging_decodes_the_latent_under_the_cursor_as_pytorch_does(browser, r
 
 def test_a_conv_decoder_shows_the_nearest_precomputed_image(browser, runs, tmp_path):
     """A decoder the page cannot run comes as a grid decoded over the plane: dragging shows the grid image at the
-    nearest grid latent, which is PyTorch's decoding of that latent (to 8-bit precision)."""
-    page = Page(browser, report(runs["conv"], tmp_path / "conv.html"))
-    page.drag(0, (120, 200), (210, 210))
-    latent, pixels = page.state("[s.panels[0].lastLatent, s.panels[0].lastDecoded]")
-    np.testing.assert_allclose(pixels, _decoded(runs["conv"], latent), atol=0.5 / 255 + 1e-6)
-    assert page.state("s.parity[0]") is None
-    assert "does not run in the page" in page.page.locator(".parity").text_content()
-    assert page.errors == []
+    nearest grid latent, which is PyTorch's decoding of that latent (to 8-bit precision), also when its map is
+    rotated onto another run's."""
+    for name, shown in (("conv", [runs["conv"]]), ("beside", [runs["mlp"], runs["conv"]])):
+        page = Page(browser, report(shown if len(shown) > 1 else shown[0], tmp_path / f"{name}.html"))
+        panel = len(shown) - 1
+        page.drag(panel, (120, 200), (210, 230))
+        latent, pixels = page.state(f"[s.panels[{panel}].lastLatent, s.panels[{panel}].lastDecoded]")
+        np.testing.assert_allclose(pixels, _decoded(runs["conv"], latent), atol=0.5 / 255 + 1e-6)
+        assert page.state(f"s.parity[{panel}]") is None
+        assert "does not run in the page" in page.page.locator(".parity").nth(panel).text_content()
+        assert page.errors == []
 
 
 def test_two_runs_side_by_side_link_their_selection(browser, runs, tmp_path):

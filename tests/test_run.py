@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli, write_fake_mnist
@@ -42,7 +43,11 @@ def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with
         ["plot"],
         ["anomaly", "calibrate", "--k", "2"],
         ["anomaly", "report", "--normal", "0,1,2,3,4", "--k", "2"],
+        ["compress", str(run.dir.parent / "binary.npy"), "-o", str(run.dir.parent / "binary.vkz"), "--report", "-q"],
+        ["report"],
     ]
+    # The digits run's Bernoulli model codes binary data only: its test split, made binary, is what it compresses.
+    np.save(run.dir.parent / "binary.npy", (run.examples("test").x > 0.5).numpy())
     for command in commands:
         words = 2 if command[0] == "anomaly" else 1
         assert main([*command[:words], str(run.dir), *command[words:]]) == 0, capsys.readouterr().err

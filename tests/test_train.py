@@ -185,3 +185,39 @@ def test_a_run_of_named_data_is_named_after_them_and_says_what_it_trains(tmp_pat
     assert run.name.startswith("strokes-")
     assert "data strokes.npy (1, 8, 8): 64 train, 16 test; model mlp [512], latent 16, bernoulli; 1 epochs" in out
     assert vaekit.open_run(run).config.preset == "arrays"
+
+
+def test_binarize_feeds_fresh_binary_batches_to_the_objective(digits, tmp_path):
+    """With data.binarize every batch the encoder sees in training is binary, a new Bernoulli draw of the grey images
+    each time (its mean follows the grey levels), and without it the encoder sees the grey images themselves."""
+    from vaekit.nets import MLPEncoder
+
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for binarize in (True, False):
+
+        def record(module, inputs, output, into=seen[binarize]):
+            if isinstance(module, MLPEncoder) and module.training:
+                into.append(inputs[0].detach().clone())
+
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            vaekit.train("digits", tmp_path / str(binarize), epochs=2, binarize=binarize, dataset=digits,
+                         checkpoint_every=0, verbose=False)  # fmt: skip
+        finally:
+            hook.remove()
+    steps = 2 * ((len(digits.split("train").x) + 63) // 64)
+    assert len(seen[True]) == len(seen[False]) == steps
+    binary, grey = torch.cat(seen[True]), torch.cat(seen[False])
+    assert ((binary == 0) | (binary == 1)).all()
+    assert not ((grey == 0) | (grey == 1)).all()
+    # Both runs draw the same data order, so position i of each holds the same image: the binary one is a Bernoulli
+    # draw of the grey one, pixel by pixel (a threshold would make every pixel of one grey level alike).
+    for level in grey.unique():
+        ones = binary[grey == level].mean().item()
+        assert abs(ones - level.item()) < 0.05, (level.item(), ones)
+    # Each epoch draws anew: an image met in both epochs (found by its grey pixels) is binarised differently.
+    half = len(grey) // 2
+    second = {bytes(g.numpy()): i for i, g in enumerate(grey[half:])}
+    matched = [(i, second[bytes(g.numpy())]) for i, g in enumerate(grey[:half]) if bytes(g.numpy()) in second]
+    redrawn = sum(not torch.equal(binary[i], binary[half + j]) for i, j in matched)
+    assert len(matched) > half * 0.9 and redrawn > 0.9 * len(matched)

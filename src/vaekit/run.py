@@ -50,6 +50,7 @@ ARTIFACTS = {
     "fingerprint": "data.json",  # the data trained on: from where (its name, or memory), each split's size and SHA-256
     "record": RECORD,  # every file vaekit wrote in the run: nothing else there is replaced or removed
     "report": "report.html",  # what `report` writes: one self-contained page, opened from disk
+    "compression": "compression.json",  # the rates `compress --report` measured last, with its input and file
 }
 CONFIG, WEIGHTS, DESCRIPTION, METRICS = (ARTIFACTS[k] for k in ("config", "weights", "description", "metrics"))
 FORMAT = "vaekit-model"

@@ -64,8 +64,12 @@ class Step:
         if t.precision == "bf16" and device.type == "cpu":
             say("train.precision = bf16 on a CPU: without bfloat16 units (most CPUs) it is slower than fp32")
         self.mode = "reduce-overhead" if device.type == "cuda" else "default"
-        # Fused optimizers skip an update themselves when found_inf is set; others need the flag read at every step.
-        self.on_device = bool(optimizer.defaults.get("fused"))
+        # Fused Adam and AdamW skip an update themselves when found_inf is set (parameters, moments and step count
+        # untouched); other optimizers need the flag read at every step (fused SGD, for one, would leave its
+        # momentum buffers uninitialised after a skipped first step).
+        self.on_device = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(
+            optimizer.defaults.get("fused")
+        )
         # How many steps the loop may go without reading the finite flags: each read waits for the device.
         self.window = WINDOW if self.on_device else 1
         precision = (
@@ -76,7 +80,7 @@ class Step:
             with precision:
                 return objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
 
-        self.tried = False  # whether a step has run: only the first one can fail to compile
+        self.tried = False  # whether a step has run and said how it runs
         self.eager: Callable[[torch.Tensor, float], torch.Tensor] = summed
         self.objective: Callable[[torch.Tensor, float], torch.Tensor] = (
             self.eager if self.reason else torch.compile(summed, dynamic=False, mode=self.mode)
@@ -90,18 +94,19 @@ class Step:
     def __call__(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the model on the batch x; returns the summed loss and whether the update was made (both on the
         device: reading them waits for it)."""
-        if self.tried:
-            return self._update(x, beta)
-        self.tried = True
         try:
             result = self._update(x, beta)
         except Exception as e:  # compiling fails without a C++ compiler, or on what torch.compile cannot trace
             if not self.compiled:
                 raise
+            # It fails before the optimizer's step (a new batch shape recompiles too): the step is redone eagerly.
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self.objective, self.reason = self.eager, f"torch.compile failed: {detail}"
+            self.tried = False
             result = self._update(x, beta)
-        self.say(self.describe())
+        if not self.tried:
+            self.tried = True
+            self.say(self.describe())
         return result
 
     def _update(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

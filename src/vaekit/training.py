@@ -275,14 +275,15 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
                 flags.append(made)
                 p.global_step += 1
                 due = t.checkpoint_every and p.global_step % t.checkpoint_every == 0
-                if len(flags) == update.window or due or signals.received or step == steps - 1:
+                received = signals.received  # read once: a signal arriving later is seen after the next step
+                if len(flags) == update.window or due or received or step == steps - 1:
                     _account(p, flags, step + 1, n, bs, run.dir, t.skip_limit, bar)
                     flags = []
-                if signals.received or (due and not p.bad):
+                if received or (due and not p.bad):
                     p.seconds = time.perf_counter() - began
                     saved = checkpoint()
-                    if signals.received:
-                        raise Interrupted(signals.received, run.dir, saved, p)
+                    if received:
+                        raise Interrupted(received, run.dir, saved, p)
                 if step % 50 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
             bar.close()

@@ -79,7 +79,9 @@ def _train(a: argparse.Namespace) -> None:
     SIGTERM saves one and stops, and --resume continues the run exactly where it stopped.
     """
     from ..config import make_config, parse_assignment
+    from ..files import check_writable
     from ..plots import plot
+    from ..run import ARTIFACTS, Run
     from ..training import resume, train
 
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
@@ -92,6 +94,11 @@ def _train(a: argparse.Namespace) -> None:
             raise VaekitError(
                 f"--resume continues a run with its saved settings: --epochs and --data-dir may change, {what} cannot"
             )
+        # What the command writes after training must be writable before it trains: a run is never half-updated.
+        given = Path(a.resume)
+        ended = Run(given.parent.parent if given.is_file() else given)
+        check_writable(*(ended.path(name) for name in ARTIFACTS if name.endswith("-plot") and not a.no_plots),
+                       None if a.no_report else ended.path("report"))  # fmt: skip
         run = resume(a.resume, epochs=overrides.get("train.epochs"), data_dir=overrides.get("data.root"),
                      verbose=not a.quiet)  # fmt: skip
     else:

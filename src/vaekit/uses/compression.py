@@ -29,7 +29,7 @@ import torch
 
 from .. import stopping
 from ..errors import VaekitError
-from ..files import atomic_path, read_arrays, write_bytes
+from ..files import atomic_path, check_writable, read_arrays, together, write_bytes, write_json
 from ..images import read_folder
 from ..model import VAE, log_weights
 from ..run import Run, open_run
@@ -242,9 +242,12 @@ def compress(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Compress data (a .npy file, an image folder, a split name or an array) losslessly to a .vkz file with the run's
-    model; returns the rates, and with report=True also the model's -ELBO, standard codecs and a checked decode."""
+    model; returns the rates, and with report=True also the model's -ELBO, standard codecs and a checked decode, which
+    it also records in RUN/compression.json."""
     run = open_run(run)
     likelihood = codec.check_model(run.model)
+    if report:
+        check_writable(run.path("compression"))
     x, form = _read_input(run, data, likelihood.levels)
     if batch_size < 1:
         raise VaekitError(f"the batch size must be at least 1, got {batch_size}")
@@ -280,8 +283,12 @@ def compress(
                   "words": len(coded.words)},
         "environment": _environment(),
     }  # fmt: skip
-    size = _write_file(Path(out), header, coded.words)
-    result.update(bytes=size, bits_per_dim=8 * size / dims)
+    with together():  # the file and, with report, the run's record of its rates appear together
+        size = _write_file(Path(out), header, coded.words)
+        result.update(bytes=size, bits_per_dim=8 * size / dims)
+        if report:
+            source = "an array in memory" if isinstance(data, np.ndarray) else str(data)
+            write_json(run.path("compression"), {"input": source, "file": str(out), **result})
     return result
 
 

@@ -80,12 +80,14 @@ function table(data) {
   return element("table", {}, ...rows);
 }
 
-const state = { selected: null, panels: [], parity: [], ready: null };
+const state = { selected: null, selectedKey: null, panels: [], parity: [], ready: null };
 window.vaekitReport = state;
 
-function select(i) {
+// Select example i in every map of the same test examples as the map it was chosen in.
+function select(i, key) {
   state.selected = i;
-  for (const panel of state.panels) panel.show(i);
+  state.selectedKey = key;
+  for (const panel of state.panels) panel.show(panel.key === key ? i : null);
 }
 
 // One run's latent explorer: the map, the decoded image at the cursor, and the hovered example.
@@ -115,8 +117,9 @@ function explorer(page, index) {
   const input = element("canvas");
   const recon = element("canvas");
   const info = element("div", { className: "info", textContent: "hover a point" });
-  const cursorInfo = element("div", { className: "info", textContent: decode ? "drag on the map: the page's decoder" : "drag on the map: the nearest of a precomputed grid" });
-  const panel = { index, toPixel: (i) => { const r = map.getBoundingClientRect(); const [cx, cy] = toPixel(coords[2 * i], coords[2 * i + 1]); return [r.left + cx, r.top + cy]; }, lastLatent: null, lastDecoded: null, cursor: null };
+  const how = decode ? "drag on the map: the page's decoder" : e.grid ? "drag on the map: the nearest of a precomputed grid" : "this decoder does not run in the page";
+  const cursorInfo = element("div", { className: "info", textContent: how });
+  const panel = { index, key: e.key, toPixel: (i) => { const r = map.getBoundingClientRect(); const [cx, cy] = toPixel(coords[2 * i], coords[2 * i + 1]); return [r.left + cx, r.top + cy]; }, lastLatent: null, lastDecoded: null, cursor: null };
 
   function draw() {
     const ctx = map.getContext("2d");
@@ -126,7 +129,7 @@ function explorer(page, index) {
       ctx.fillStyle = e.labels ? COLOURS[((e.labels[i] % 10) + 10) % 10] : "#1f77b4";
       ctx.fillRect(cx - 1.5, cy - 1.5, 3, 3);
     }
-    if (state.selected !== null && state.selected < e.n) {
+    if (state.selected !== null && state.selectedKey === e.key && state.selected < e.n) {
       const [cx, cy] = toPixel(coords[2 * state.selected], coords[2 * state.selected + 1]);
       ctx.strokeStyle = "#000"; ctx.lineWidth = 2;
       ctx.beginPath(); ctx.arc(cx, cy, 7, 0, 2 * Math.PI); ctx.stroke();
@@ -174,7 +177,11 @@ function explorer(page, index) {
 
   let dragging = false;
   const local = (event) => { const r = map.getBoundingClientRect(); return [event.clientX - r.left, event.clientY - r.top]; };
-  map.addEventListener("pointerdown", (event) => { dragging = true; map.setPointerCapture(event.pointerId); panel.decodeAt(...local(event)); });
+  const canDecode = Boolean(decode || grid);  // a decoder the page cannot run comes with a grid for images only
+  map.addEventListener("pointerdown", (event) => {
+    if (!canDecode) return;
+    dragging = true; map.setPointerCapture(event.pointerId); panel.decodeAt(...local(event));
+  });
   map.addEventListener("pointerup", () => { dragging = false; });
   map.addEventListener("pointermove", (event) => {
     const [cx, cy] = local(event);
@@ -185,7 +192,7 @@ function explorer(page, index) {
       const distance = (px - cx) ** 2 + (py - cy) ** 2;
       if (distance < bestDistance) { best = i; bestDistance = distance; }
     }
-    if (best >= 0 && best !== state.selected) select(best);
+    if (best >= 0 && (best !== state.selected || state.selectedKey !== e.key)) select(best, e.key);
   });
 
   // The parity check: this page's decoder against PyTorch's outputs, stored when the report was written.
@@ -201,7 +208,8 @@ function explorer(page, index) {
     if (!(worst < 1e-4)) parity.className = "parity bad";
   } else {
     state.parity[index] = null;
-    parity.textContent = `this decoder (${page.settings.match(/net = "(\w+)"/)?.[1] ?? "?"}) does not run in the page: dragging shows the nearest of ${grid ? grid.size ** 2 : 0} images decoded over the plane`;
+    const fallback = grid ? `dragging shows the nearest of ${grid.size ** 2} images decoded over the plane` : "there is no picture to decode to";
+    parity.textContent = `this decoder does not run in the page: ${fallback}`;
   }
 
   const aligned = e.aligned ? ` (aligned on ${e.aligned} shared test examples with the first run's map)` : "";

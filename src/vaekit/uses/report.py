@@ -11,10 +11,12 @@ come with a grid of images decoded over the latent plane, which the page shows t
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,10 @@ def _plane(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         axes = torch.eye(2, d)
         return mean @ axes.T, torch.zeros(d), axes
     origin = mean.mean(0)
-    _, _, v = torch.linalg.svd((mean - origin).double(), full_matrices=False)
-    axes = v[:2].float()
+    centred = (mean - origin).double()
+    # The covariance's eigenvectors: two of them however few the examples are (an SVD of one example gives one).
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    axes = vectors[:, [-1, -2]].T.float()
     # A sign convention, so that the same run always gives the same picture: each axis points to its largest entry.
     axes = axes * torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
     return (mean - origin) @ axes.T, origin, axes
@@ -116,10 +120,12 @@ def page_data(run: Run | str | Path, points: int = POINTS) -> dict[str, Any]:
         coords, origin, axes = _plane(mean)
         loss = model.loss(x, torch.Generator().manual_seed(0))
         layers = _decoder_layers(model)
-        spread = torch.randn(PARITY, 2, generator=torch.Generator().manual_seed(0)) * coords.std(0)
+        spread = torch.randn(PARITY, 2, generator=torch.Generator().manual_seed(0)) * coords.std(0, correction=0)
         probe = origin + spread @ axes  # latents on the plane, where the map's points lie
         explorer: dict[str, Any] = {
             "n": n,
+            # Which examples the map shows: maps of the same examples are aligned and share their selection.
+            "key": hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16],
             "shape": list(model.shape),
             "image": image,
             "coords": _b64(coords, np.float32),
@@ -175,28 +181,45 @@ def _images(model: VAE, x: torch.Tensor) -> dict[str, str]:
 
 
 def _tables(run: Run) -> dict[str, dict[str, Any]]:
-    """The JSON results the run holds (evaluations of every split, anomaly calibration and report), by title."""
+    """The JSON results the run holds (evaluations of every split, anomaly calibration and report, compression), by
+    title."""
     found = {f"evaluation ({p.name})": p for p in sorted(run.dir.glob("evaluation*.json"))}
     found["anomaly calibration"] = run.path("anomaly")
+    found["compression (the last compress --report)"] = run.path("compression")
     found.update({f"anomaly report: {p.stem}": p for p in sorted(run.path("anomaly-report").glob("*.json"))})
     tables = {}
     for title, path in found.items():
         if path.is_file():
-            data = read_json(path, f"{path} is missing")
+            # A damaged result is shown as such: the rest of the report, and the training that writes it, go on.
             try:
+                data = read_json(path, f"{path} is missing")
                 json.dumps(data, allow_nan=False)
+            except VaekitError as e:
+                data = {"unreadable": str(e)}
             except ValueError:
-                raise VaekitError(f"cannot read {path}: it holds a number that is not finite") from None
-            if isinstance(data, dict):
-                tables[title] = {k: v for k, v in data.items() if not isinstance(v, (dict, list)) or len(v) <= 64}
+                data = {"unreadable": f"{path} holds a number that is not finite"}
+            tables[title] = _flat(data) if isinstance(data, dict) else {"unreadable": f"{path} is not a JSON table"}
     return tables
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as one, their keys joined by dots; lists longer than 64 values are left out."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif not isinstance(value, list) or len(value) <= 64:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _curves_svg(metrics: list[dict[str, Any]], width: int = 560, height: int = 240) -> str:
     """The loss curves (train, valid, test per epoch) as an inline SVG chart."""
-    series = {k: [(m["epoch"], m.get(f"{k}_loss")) for m in metrics] for k in ("train", "valid", "test")}
-    series = {k: [(e, v) for e, v in s if v is not None] for k, s in series.items()}
-    series = {k: s for k, s in series.items() if s}
+    found = {k: [(m["epoch"], m.get(f"{k}_loss")) for m in metrics] for k in ("train", "valid", "test")}
+    series: dict[str, list[tuple[int, float]]] = {}
+    for k, rows in found.items():
+        if any(v is not None for _, v in rows):
+            series[k] = [(e, v) for e, v in rows if v is not None]
     if not series:
         return ""
     values = [v for s in series.values() for _, v in s]
@@ -230,19 +253,23 @@ def _curves_svg(metrics: list[dict[str, Any]], width: int = 560, height: int = 2
     return "".join(parts) + "</svg>"
 
 
-def _align(pages: list[dict[str, Any]]) -> None:
-    """Rotate, reflect and scale each later run's map onto the first's (orthogonal Procrustes on the test examples
-    they share), changing its plane so that a point still maps to the latent it shows."""
+def _align(pages: list[dict[str, Any]], runs: list[Run]) -> None:
+    """Rotate, reflect and scale each later run's map onto the first's (orthogonal Procrustes) where both show the
+    same test examples, changing its plane (and its decoded grid) so that a point still maps to the latent it shows."""
     first = pages[0]["explorer"]
     a = _coords(first)
-    for page in pages[1:]:
+    for page, run in zip(pages[1:], runs[1:], strict=True):
         e = page["explorer"]
-        n = min(e["n"], first["n"])
         b = _coords(e)
-        ma, mb = a[:n].mean(0), b[:n].mean(0)
-        u, s, vt = np.linalg.svd((b[:n] - mb).T @ (a[:n] - ma))
+        if e["key"] != first["key"] or len(b) < 2:
+            continue
+        ma, mb = a.mean(0), b.mean(0)
+        u, s, vt = np.linalg.svd((b - mb).T @ (a - ma))
         rotation = u @ vt
-        scale = s.sum() / max(((b[:n] - mb) ** 2).sum(), 1e-12)
+        spread = ((b - mb) ** 2).sum()
+        scale = s.sum() / spread if spread > 1e-12 else 0.0
+        if not (math.isfinite(scale) and scale > 1e-12):  # all points in one place: nothing to align
+            continue
         aligned = (b - mb) @ rotation * scale + ma
         e["coords"] = _b64(aligned, np.float32)
         # latent = origin + p @ axes with p = (p' - ma) @ rotation.T / scale + mb, for a point p' of the aligned map.
@@ -250,10 +277,12 @@ def _align(pages: list[dict[str, Any]]) -> None:
         back = rotation.T / scale
         e["origin"] = (origin + (mb - ma @ back) @ axes).tolist()
         e["axes"] = (back @ axes).tolist()
-        if "grid" in e:
-            corners = (np.array([e["grid"]["low"], e["grid"]["high"]]) - mb) @ rotation * scale + ma
-            e["grid"]["low"], e["grid"]["high"] = corners.min(0).tolist(), corners.max(0).tolist()
-        e["aligned"] = n
+        e["aligned"] = len(b)
+        if "grid" in e:  # decoded anew over the aligned plane, whose axes the page's lookup follows
+            model = run.model_on(torch.device("cpu"))
+            plane = (torch.tensor(v, dtype=torch.float32) for v in (aligned, e["origin"], e["axes"]))
+            with torch.no_grad():
+                e["grid"] = _grid(model, *plane)
 
 
 def _coords(explorer: dict[str, Any]) -> np.ndarray:
@@ -277,7 +306,7 @@ def report(
         out = opened[0].path("report")
     pages = [page_data(r, points) for r in opened]
     if len(pages) > 1:
-        _align(pages)
+        _align(pages, opened)
     write_text(Path(out), render(pages))
     return Path(out)
 
@@ -286,8 +315,14 @@ def render(pages: list[dict[str, Any]]) -> str:
     """The report page for these runs' data: the template with its script, styles and data inlined."""
     files = resources.files("vaekit.uses")
     template = files.joinpath("report.html").read_text(encoding="utf-8")
-    script = files.joinpath("report.js").read_text(encoding="utf-8")
-    # "</" inside a script element would end it early; JSON allows writing it as "<\/".
-    data = json.dumps(pages, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
-    title = ", ".join(page["name"] for page in pages)
-    return template.replace("{{title}}", html.escape(title)).replace("{{data}}", data).replace("{{script}}", script)
+    try:
+        data = json.dumps(pages, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        raise VaekitError("the model gives latents that are not finite numbers, so there is no map to draw") from None
+    # No "<" in the data: "</script>" or "<!--" there would end or change the script element that holds it.
+    parts = {
+        "title": html.escape(", ".join(page["name"] for page in pages)),
+        "data": data.replace("<", "\\u003c"),
+        "script": files.joinpath("report.js").read_text(encoding="utf-8"),
+    }
+    return re.sub(r"\{\{(title|data|script)\}\}", lambda m: parts[m[1]], template)
