@@ -70,7 +70,19 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w = tmp_path_factory.mktemp("workspace")
     run = w / "run"
     steps = [
-        ["train", "--binarize", "--epochs", "2", "--out", run, "--no-plots", "-q", "--set", "train.keep_checkpoints=2"],
+        [
+            "train",
+            "--binarize",
+            "--epochs",
+            "2",
+            "--out",
+            run,
+            "--no-plots",
+            "--no-report",
+            "-q",
+            "--set",
+            "train.keep_checkpoints=2",
+        ],  # fmt: skip
         ["evaluate", run, "--k", "2"],
         ["anomaly", "calibrate", run, "--k", "5"],
         ["encode", run, "-o", w / "latents.npy"],
@@ -93,8 +105,8 @@ RUN_PLOTS = [f"run/plots/{p}" for p in PLOTS]
 # or none of them.
 COMMANDS: dict[str, tuple[list[str], list[str]]] = {
     "train": (["train", "--binarize", "--epochs", "2", "--out", "{w}/new", "--set", "train.checkpoint_every=5"],
-              [f"new/plots/{p}" for p in PLOTS]),  # the model files of a stopped run are checked by resuming it
-    "resume": (["train", "--resume", "{w}/run", "--epochs", "3"], RUN_PLOTS),
+              [f"new/plots/{p}" for p in PLOTS] + ["new/report.html"]),  # a stopped run's model files: by resuming
+    "resume": (["train", "--resume", "{w}/run", "--epochs", "3"], RUN_PLOTS + ["run/report.html"]),
     "evaluate": (["evaluate", "{w}/run", "--k", "20", "--split", "train", "--limit", "300"],
                  ["run/evaluation-train-first300.json", "run/evaluation-train-first300.npz"]),
     "sample": (["sample", "{w}/run", "-o", "{w}/s.png", "--npy", "{w}/s.npy"], ["s.png", "s.npy"]),
@@ -102,6 +114,7 @@ COMMANDS: dict[str, tuple[list[str], list[str]]] = {
     "encode": (["encode", "{w}/run", "-o", "{w}/codes.npz"], ["codes.npz"]),
     "decode": (["decode", "{w}/run", "{w}/latents.npy", "-o", "{w}/d.png", "--npy", "{w}/d.npy"], ["d.png", "d.npy"]),
     "plot": (["plot", "{w}/run"], RUN_PLOTS),
+    "report": (["report", "{w}/run", "-o", "{w}/page.html"], ["page.html"]),
     "compress": (["compress", "{w}/run", "{w}/bin.npy", "-o", "{w}/again.vkz", "-q", "--report"], ["again.vkz"]),
     "decompress": (["decompress", "{w}/f.vkz", "--run", "{w}/run", "-o", "{w}/unpacked", "-q"], ["unpacked"]),
     "anomaly calibrate": (["anomaly", "calibrate", "{w}/run", "--fpr", "0.05", "--k", "20"], ["run/anomaly.json"]),
@@ -112,7 +125,7 @@ COMMANDS: dict[str, tuple[list[str], list[str]]] = {
     "benchmark": (["benchmark", "one-class", "--data", "digits", "--classes", "0", "--epochs", "1", "--out",
                    "{w}/bench", "--device", "cpu"], ["bench/results.csv", "bench/results.md"]),
 }  # fmt: skip
-SIGNAL_TRIALS = 1008 if SLOW else 112  # 72 or 8 per command
+SIGNAL_TRIALS = 1080 if SLOW else 120  # 72 or 8 per command
 START = 0.1  # seconds: before, Python itself is starting and vaekit's handlers are not yet in place (see README)
 
 

@@ -33,7 +33,11 @@ _groups: list[list[tuple[Path, Path]]] = []  # the renames that open `together` 
 @contextlib.contextmanager
 def together() -> Iterator[None]:
     """Every file written inside the block appears at its end, all of them or none: a command's outputs are
-    complete, or absent (an interrupt during the final renames is held until they are done)."""
+    complete, or absent (an interrupt during the final renames is held until they are done). Inside another such
+    block, the files join the outer one's."""
+    if _groups:
+        yield
+        return
     group: list[tuple[Path, Path]] = []
     _groups.append(group)
     try:

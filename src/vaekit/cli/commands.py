@@ -79,7 +79,7 @@ def _train(a: argparse.Namespace) -> None:
     SIGTERM saves one and stops, and --resume continues the run exactly where it stopped.
     """
     from ..config import make_config, parse_assignment
-    from ..files import check_writable
+    from ..files import check_writable, together
     from ..plots import plot
     from ..run import ARTIFACTS, Run
     from ..training import resume, train
@@ -103,16 +103,17 @@ def _train(a: argparse.Namespace) -> None:
                      verbose=not a.quiet)  # fmt: skip
     else:
         run = train(make_config(a.preset, a.config, overrides), a.out, verbose=not a.quiet)
-    if not a.no_plots:
-        plot(run)
-        if not a.quiet:
-            print(f"plots: {run.path('plots')}")
-    if not a.no_report:
-        from ..uses.report import report
+    with together():  # the plots and the report appear together, or neither does
+        if not a.no_plots:
+            plot(run)
+        if not a.no_report:
+            from ..uses.report import report
 
-        page = report(run)
-        if not a.quiet:
-            print(f"report: {page}")
+            report(run)
+    if not a.quiet:
+        for made, name in ((not a.no_plots, "plots"), (not a.no_report, "report")):
+            if made:
+                print(f"{name}: {run.path(name)}")
     print(run.dir)
 
 
