@@ -268,8 +268,7 @@ def test_the_page_looks_as_it_did(browser, runs, tmp_path):
     page.hover(0, 0)
     shot = tmp_path / "shot.png"
     page.page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1280, "height": 900})
-    if not REFERENCE.exists():
-        pytest.skip(f"no reference screenshot: copy {shot} to {REFERENCE} after checking it")
+    assert REFERENCE.exists(), f"no reference screenshot: copy {shot} to {REFERENCE} after checking it"
     a = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     b = np.asarray(Image.open(REFERENCE).convert("RGB"), dtype=np.int16)
     assert a.shape == b.shape

@@ -2,9 +2,9 @@
 non-finite guard kept on the device so that a step need not wait for the device to finish the one before.
 
 The same `Step` serves every device. On a GPU, `torch.compile(mode="reduce-overhead")` replays the step's kernels as
-CUDA graphs; on a CPU it fuses the element-wise work in generated C++. Either way the optimizer skips an update whose
-loss or gradient is not finite by itself (the fused optimizers' `found_inf`), and the loop reads the finite flags
-only every `window` steps.
+CUDA graphs; on a CPU it fuses the element-wise work in generated C++. Either way fused Adam and AdamW skip an update
+whose loss or gradient is not finite by themselves (`found_inf`), and the loop reads the finite flags only every
+`window` steps; other optimizers have their step held back here, flag by flag.
 """
 
 from __future__ import annotations
