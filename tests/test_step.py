@@ -150,12 +150,12 @@ def test_precision_is_part_of_a_runs_identity_and_compile_is_not(digits, tmp_pat
 
 
 def test_compile_reasons():
-    """train.compile = auto compiles long runs on CUDA only; warm-up and MPS fall back to eager, saying why."""
+    """train.compile = auto compiles runs of 50,000 steps or more; warm-up and MPS fall back to eager, saying why."""
     cfg = make_config("digits")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert "CUDA GPUs only" in compile_reason(cfg, cpu, 10**6)
-    assert "20000 steps or more" in compile_reason(cfg, cuda, 100)
-    assert compile_reason(cfg, cuda, 10**6) == ""
+    assert "50000 steps or more, and this one has 49999" in compile_reason(cfg, cpu, 49_999)
+    assert "50000 steps or more" in compile_reason(cfg, cuda, 100)
+    assert compile_reason(cfg, cuda, 10**6) == compile_reason(cfg, cpu, 50_000) == ""
     assert compile_reason(make_config("digits", overrides={"train.compile": "on"}), cpu, 1) == ""
     assert "off" in compile_reason(make_config("digits", overrides={"train.compile": "off"}), cuda, 10**6)
     warm = make_config("digits", overrides={"train.compile": "on", "train.warmup": 2})

@@ -79,7 +79,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest checkpoints kept in RUN/checkpoints
     patience: int = 0  # early stopping: epochs without a lower validation loss before training stops; 0: off
     skip_limit: int = 20  # updates with a non-finite loss or gradient are skipped; this many in a row stop the run
-    compile: str = "auto"  # the step through torch.compile: on, off, or auto (on for long runs on a GPU)
+    compile: str = "auto"  # the step through torch.compile: on, off, or auto (on for runs of 50,000 steps or more)
     precision: str = "fp32"  # fp32, or bf16: the networks under bfloat16 autocast, the likelihood and ELBO in fp32
 
 

@@ -248,7 +248,7 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     say(f"run directory: {run.dir}" + (f" (resuming from {start.name})" if start else ""))
     say(_settings(cfg, run.data))
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
-    update = Step(cfg, model, s.optimizer, steps * (t.epochs - p.epoch) - p.step, say)
+    update = Step(cfg, model, s.optimizer, steps * t.epochs, say)
 
     def checkpoint() -> Path:
         return save_checkpoint(run.dir, model, s.optimizer, s.shuffle, p, s.identity, t.keep_checkpoints)
