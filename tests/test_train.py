@@ -183,7 +183,8 @@ def test_a_run_of_named_data_is_named_after_them_and_says_what_it_trains(tmp_pat
     out = capsys.readouterr().out
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("strokes-")
-    assert "data strokes.npy (1, 8, 8): 64 train, 16 test; model mlp [512], latent 16, bernoulli; 1 epochs" in out
+    said = "data strokes.npy (1, 8, 8): 64 train, 16 test; model mlp [512], latent 16, bernoulli; 1 epoch of batch"
+    assert said in out
     assert vaekit.open_run(run).config.preset == "arrays"
 
 

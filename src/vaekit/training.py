@@ -316,9 +316,10 @@ def _settings(cfg: Config, data: Dataset) -> str:
     m, t = cfg.model, cfg.train
     sizes = {name: len(data.split(name).x) for name in ("train", "valid", "test") if name in data.splits}
     layers = f"{m.net} {m.channels} + {m.hidden}" if m.net == "conv" else f"{m.net} {m.hidden}"
+    epochs = f"{t.epochs} epoch{'s' * (t.epochs != 1)}"
     return (
         f"data {Path(cfg.data.name).name} {data.shape}: {', '.join(f'{n} {k}' for k, n in sizes.items())}; model "
-        f"{layers}, latent {m.latent}, {m.likelihood}; {t.epochs} epochs of batch {t.batch_size}, {t.optimizer} lr "
+        f"{layers}, latent {m.latent}, {m.likelihood}; {epochs} of batch {t.batch_size}, {t.optimizer} lr "
         f"{t.lr:g} (preset {cfg.preset})"
     )
 
