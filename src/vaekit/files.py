@@ -220,14 +220,21 @@ def require_images(shape: tuple[int, ...], instead: str = "use --npy for the val
         raise VaekitError(f"this model's data are not grey or RGB images, so there is no picture to draw; {instead}")
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
-    require_images(tuple(images.shape[1:]))
+def grid_png(images: torch.Tensor, nrow: int = 8) -> bytes:
+    """Images (N, C, H, W) in [0, 1] as the bytes of one PNG grid."""
+    import io
+
     from PIL import Image
 
     from .images import grid
 
-    pixels = (grid(images, nrow) * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    with atomic_path(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format="png")
+    buffer = io.BytesIO()
+    Image.fromarray((grid(images, nrow) * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
+    require_images(tuple(images.shape[1:]))
+    write_bytes(path, grid_png(images, nrow))
     return Path(path)

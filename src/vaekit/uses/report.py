@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
 import json
 import math
 import re
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import VaekitError
-from ..files import is_image, read_json, write_text
+from ..files import grid_png, is_image, read_json, write_text
 from ..model import VAE, encode_all
 from ..nets import MLPDecoder, Tanh
 from ..run import Run, open_run
@@ -62,13 +61,7 @@ def _pixels(x: torch.Tensor) -> str:
 
 def _png(images: torch.Tensor, nrow: int) -> str:
     """A grid of images (N, C, H, W) in [0, 1] as a PNG data URI."""
-    from PIL import Image
-
-    from ..images import grid
-
-    buffer = io.BytesIO()
-    Image.fromarray((grid(images, nrow) * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(buffer, format="png")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(grid_png(images, nrow)).decode()
 
 
 def _decoder_layers(model: VAE) -> list[dict[str, Any]] | None:
