@@ -16,6 +16,21 @@ from vaekit.cli import main
 SHARED = Path(os.environ.get("VAEKIT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+# Every device the tests can run on here: code that places tensors is checked on a GPU where there is one.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+# Fixtures that run vaekit in child processes: the tests on their results are `heavy`, left out of mutation runs,
+# where a child process would run the unmutated code and cost every mutant its start-up.
+PROCESS_FIXTURES = {"trained", "used"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use a process fixture as heavy."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
+
+
 @pytest.fixture(scope="session")
 def digits() -> vaekit.Dataset:
     """scikit-learn's 8x8 digits as a vaekit data set."""

@@ -730,6 +730,7 @@ def test_bad_input_fails_with_one_line_and_exit_code_2(case, trained, tmp_path, 
     _check_failure(code, capsys.readouterr().err, built, before, _files(tmp_path, trained["run"]))
 
 
+@pytest.mark.heavy
 def test_bad_inputs_in_real_processes(trained, tmp_path):
     """In real `python -m vaekit` processes, bad inputs exit 2 with one stderr line and no traceback."""
     ok(trained["result"])
@@ -766,6 +767,7 @@ def test_train_refuses_to_overwrite_a_run(trained, tmp_path, monkeypatch, capsys
     assert (copy / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.heavy
 def test_tabular_data_through_every_command(tmp_path):
     """A model of (N, D) vectors trains, samples and decodes to .npy, plots what applies, and refuses pictures."""
     rng = np.random.default_rng(0)
@@ -793,6 +795,7 @@ def test_tabular_data_through_every_command(tmp_path):
     assert np.load(tmp_path / "d.npy").shape == (24, 6)
 
 
+@pytest.mark.heavy
 def test_data_changed_since_training_is_refused(tmp_path):
     """When a run's data file now holds examples of another shape, encode and plot exit 2 instead of crashing."""
     rng = np.random.default_rng(1)

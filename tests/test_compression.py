@@ -265,6 +265,7 @@ def _mnist_test_images() -> np.ndarray:
         return np.frombuffer(f.read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
 
 
+@pytest.mark.heavy
 def test_mnist_test_set_round_trips(tmp_path):
     """The 10,000 MNIST test images, 8-bit, through a logistic-mixture model: bit for bit."""
     images = _mnist_test_images()
@@ -273,6 +274,7 @@ def test_mnist_test_set_round_trips(tmp_path):
     assert np.array_equal(vaekit.decompress(tmp_path / "m.vkz", run), images)
 
 
+@pytest.mark.heavy
 def test_binarized_mnist_rate_is_within_one_percent_of_the_elbo(tmp_path):
     """Static binarised MNIST's test set, with a model trained for one epoch: the payload rate is within 1% of the
     model's -ELBO plus the initial bits."""

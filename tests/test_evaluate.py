@@ -463,3 +463,25 @@ def test_active_units_count_the_dimensions_whose_mean_varies_more_than_a_hundred
     x[::2, 0, 0, 0] = 1.0
     result = estimate(model, x, k=2, progress=False)
     assert result.active_units == [2]
+
+
+@pytest.mark.parametrize(
+    ("k", "max_elements", "n", "calls", "largest"),
+    [
+        (50, 6400, 5, 3, 6400),  # all 50 draws of 2 examples per block of 50 x 2 x 64: blocks of 2, 2 and 1
+        (500, 6400, 2, 10, 6400),  # 100 draws of one example per block, five blocks per example
+        (7, 1000, 3, 2, 7 * 2 * 64),  # 7 draws of 2 examples fill 896 of 1000: blocks of 2 and 1
+        (3, 10, 2, 6, 64),  # a cap below one draw: one draw of one example at a time
+        (2**15, None, 1, 2, 2**20),  # a CPU's default cap: 2**20 numbers, two blocks of 16,384 draws
+    ],
+)
+def test_no_decoder_output_holds_more_than_max_elements_and_blocks_fill_it(k, max_elements, n, calls, largest):
+    """The estimator's memory cap: every decoder output holds at most max_elements numbers (2**20 by default on a
+    CPU), with as many draws, then as many examples, in each as fit."""
+    torch.manual_seed(0)
+    model = VAE((64,), ModelConfig(hidden=[8], latent=2))
+    sizes = []
+    model.decoder.register_forward_hook(lambda module, args, out: sizes.append(out.numel()))
+    x = torch.bernoulli(torch.full((n, 64), 0.5))
+    vaekit.log_likelihood(model, x, k=k, max_elements=max_elements)
+    assert len(sizes) == calls and max(sizes) == largest

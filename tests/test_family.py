@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import Normal, kl_divergence
 
@@ -246,24 +247,76 @@ def test_discrete_tells_8_bit_and_binary_data_from_floats():
 # ---------------------------------------------------------------- convolutional nets
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["bernoulli", "logistic-mixture"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
-def test_discrete_likelihoods_give_every_value_its_probability(name, grad):
+def test_discrete_likelihoods_give_every_value_its_probability(name, grad, device):
     """value_log_probs gives, per dimension, a distribution over the levels whose entries at the data's values sum to
     log_prob: what an entropy coder needs, consistent with the likelihood the model is trained on."""
     shape = (2, 3, 2)
     lik = likelihoods.build(shape, ModelConfig(likelihood=name, mixtures=3))
     assert isinstance(lik, Likelihood) and isinstance(lik, DiscreteLikelihood)
     g = torch.Generator().manual_seed(0)
-    params = 2 * torch.randn(4, 5, *lik.params_shape(), generator=g, dtype=f64)
+    params = 2 * torch.randn(4, 5, *lik.params_shape(), generator=g, dtype=f64).to(device)
     with torch.set_grad_enabled(grad):
         table = lik.value_log_probs(params)
-        levels = torch.randint(0, lik.levels, (5, *shape), generator=g)
+        levels = torch.randint(0, lik.levels, (5, *shape), generator=g).to(device)
         log_p = lik.log_prob(levels.double() / (lik.levels - 1), params)
-    assert table.shape == (4, 5, *shape, lik.levels)
-    torch.testing.assert_close(table.exp().sum(-1), torch.ones(4, 5, *shape, dtype=f64), rtol=0, atol=1e-6)
+    assert table.shape == (4, 5, *shape, lik.levels) and table.device.type == device
+    ones = torch.ones(4, 5, *shape, dtype=f64, device=device)
+    torch.testing.assert_close(table.exp().sum(-1), ones, rtol=0, atol=1e-6)
     picked = table.gather(-1, levels.expand(4, *levels.shape).unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(picked.flatten(2).sum(-1), log_p, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["bernoulli", "gaussian", "logistic-mixture"])
+def test_log_prob_dims_are_the_terms_that_log_prob_sums(name, device):
+    """log_prob_dims gives one term per dimension, (S, B, *shape), which sum to log_prob; for the discrete
+    likelihoods each term is the log-probability of that dimension's value."""
+    shape = (2, 3, 2)
+    lik = likelihoods.build(shape, ModelConfig(likelihood=name, mixtures=3, sigma=0.3)).to(device)
+    params = 2 * torch.randn(4, 5, *lik.params_shape(), generator=gen(0), dtype=f64).to(device)
+    levels = torch.randint(0, getattr(lik, "levels", 256), (5, *shape), generator=gen(1)).to(device)
+    x = levels.double() / (getattr(lik, "levels", 256) - 1)
+    terms = lik.log_prob_dims(x, params)
+    assert terms.shape == (4, 5, *shape)
+    torch.testing.assert_close(terms.flatten(2).sum(-1), lik.log_prob(x, params), rtol=1e-12, atol=1e-9)
+    if isinstance(lik, DiscreteLikelihood):
+        table = lik.value_log_probs(params)
+        torch.testing.assert_close(terms, table.gather(-1, levels.expand(4, *levels.shape)[..., None])[..., 0])
+    else:
+        torch.testing.assert_close(terms, Normal(params, 0.3).log_prob(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["bernoulli", "gaussian", "logistic-mixture"])
+def test_samples_follow_the_generator_and_the_likelihoods_mean(name, device):
+    """A sample is a function of the generator's state, and the average of many is the likelihood's mean."""
+    lik = likelihoods.build((3,), ModelConfig(likelihood=name, mixtures=2, sigma=0.2)).to(device)
+    params = torch.tensor([-1.0, 0.5, 2.0])
+    if name == "logistic-mixture":  # two components per dimension: weight logits, means in [-1, 1], log-scales
+        params = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.5, 2.0, -0.6, 0.2, 0.0, -0.2, 0.7, 0.4] + [-2.0] * 6)
+    many = params.to(device).expand(40000, -1)
+
+    def gen_on(seed: int) -> torch.Generator:
+        return torch.Generator(device).manual_seed(seed)
+
+    x = lik.sample(many, gen_on(0))
+    assert x.shape == (40000, 3) and x.device.type == device
+    assert torch.equal(x, lik.sample(many, gen_on(0))) and not torch.equal(x, lik.sample(many, gen_on(1)))
+    torch.testing.assert_close(x.mean(0), lik.mean(many[0]), rtol=0, atol=0.01)
+    if name == "gaussian":
+        torch.testing.assert_close(x.std(0), torch.full((3,), 0.2, device=device), rtol=0.02, atol=0)
+
+
+def test_a_learned_deviation_below_its_floor_samples_at_the_floor():
+    """Samples of a Gaussian whose learned log-deviation sank below log(1e-3) spread by 1e-3, as log_prob assumes."""
+    lik = Gaussian((2,), ModelConfig(likelihood="gaussian", variance="global", sigma=1.0))
+    with torch.no_grad():
+        lik.log_sigma.fill_(-20.0)
+    x = lik.sample(torch.zeros(20000, 2), gen(0))
+    assert x.std().item() == pytest.approx(1e-3, rel=0.02)
 
 
 def test_a_density_is_a_likelihood_but_not_a_discrete_one():
@@ -303,6 +356,21 @@ def test_conv_refuses_images_too_small_for_its_layers(shape, channels):
     """Each stride-2 convolution halves the size; an image that would shrink below 1 pixel is a VaekitError."""
     with pytest.raises(vaekit.VaekitError, match="too small"):
         VAE(shape, ModelConfig(net="conv", channels=channels, hidden=[8], latent=2))
+
+
+@pytest.mark.parametrize("shift", [-50.0, 50.0])
+def test_the_conv_decoder_puts_its_activation_between_dense_and_deconvolution(shift):
+    """With relu after the dense layers, dense outputs pushed far below zero all reach the deconvolutions as 0, so the
+    decoder no longer depends on z; pushed far above zero they pass through, and it does. The last layer has no
+    activation: its outputs (logits) take both signs."""
+    torch.manual_seed(0)
+    model = VAE((1, 8, 8), ModelConfig(net="conv", channels=[4, 4], hidden=[8], latent=2, activation="relu"))
+    with torch.no_grad():
+        model.decoder.dense[0].net[-1].bias.add_(shift)
+    params = model.decoder(torch.randn(5, 2, generator=gen(0)))
+    spread = (params - params[0]).abs().max().item()
+    assert spread == 0.0 if shift < 0 else spread > 1e-3
+    assert (params < 0).any() and (params > 0).any()
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic-mixture"])

@@ -191,6 +191,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
 # ---------------------------------------------------------------- SIGKILL at random moments, then resume
 
 
+@pytest.mark.heavy
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(reference, tmp_path):
     """A run killed with SIGKILL four times, once before its first checkpoint and three times at random moments of
     resumed processes, and resumed after each, ends bitwise identical to a run that was never stopped."""
@@ -237,6 +238,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(reference, t
 # ---------------------------------------------------------------- SIGTERM and SIGINT
 
 
+@pytest.mark.heavy
 def test_sigterm_and_sigint_save_a_checkpoint_and_resume_exactly(reference, tmp_path):
     """SIGTERM exits 143 and SIGINT 130 with one line naming the saved checkpoint and `vaekit train --resume RUN`;
     resuming then ends bitwise identical to a run that was never stopped, also after a double Ctrl-C."""

@@ -139,6 +139,7 @@ def test_bf16_training_reaches_the_float32_loss(digits, tmp_path):
     assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.02, losses
 
 
+@pytest.mark.heavy
 def test_precision_is_part_of_a_runs_identity_and_compile_is_not(digits, tmp_path):
     """A run resumes with another train.compile (the same updates), but not with another train.precision."""
     run = vaekit.train("digits", tmp_path / "run", epochs=1, compile="off", **quiet(dataset=digits))
@@ -187,6 +188,7 @@ def test_the_compiled_step_trains_like_the_eager_one_and_resumes_exactly(digits,
     assert_same_run(full.dir, part.dir)
 
 
+@pytest.mark.heavy
 def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path):
     """Without a working C++ compiler torch.compile fails on a CPU: training says why in one line and goes on
     eagerly to the end."""

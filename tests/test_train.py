@@ -72,6 +72,7 @@ def test_existing_run_is_not_overwritten(digits, tmp_path):
         vaekit.train("digits", out=tmp_path / "run", dataset=digits, epochs=1, verbose=False)
 
 
+@pytest.mark.heavy
 def test_seed_preset_on_mnist(mnist_root, tmp_path):
     """One epoch of the seed preset on real MNIST reaches the tutorial's first-epoch test loss range."""
     run = vaekit.train(

@@ -282,11 +282,13 @@ class LogisticMixture(nn.Module):
         """A draw of x on the 256 levels."""
         log_w, means, log_scales = self._split(params)
         axis = -len(self.shape) - 1
-        u = torch.rand(log_w.shape, generator=generator, device=params.device).clamp(1e-6, 1 - 1e-6)
-        pick = F.one_hot((log_w - torch.log(-torch.log(u))).argmax(axis), self.k).movedim(-1, axis).to(means.dtype)
+        # Gumbel-max picks a component. u = 0 (torch.rand draws from [0, 1)) gives infinite noise, which argmax and
+        # the clamp below turn into a valid choice and level, so u needs no clamping.
+        u = torch.rand(log_w.shape, generator=generator, device=params.device)
+        pick = F.one_hot((log_w - torch.log(-torch.log(u))).argmax(axis), self.k).movedim(-1, axis)
         # Only the picked component is transformed: an unpicked one with a huge scale must not turn into inf * 0.
         mean, log_scale = (means * pick).sum(axis), (log_scales * pick).sum(axis)
-        u = torch.rand(mean.shape, generator=generator, device=params.device).clamp(1e-6, 1 - 1e-6)
+        u = torch.rand(mean.shape, generator=generator, device=params.device)
         values = mean + log_scale.exp() * (u.log() - (-u).log1p())
         return torch.round((values.clamp(-1, 1) + 1) / 2 * self.BINS) / self.BINS
 

@@ -1,0 +1,129 @@
+"""Mutation testing of vaekit's core: run mutmut on every core module, or on those a change touched, and print the
+score of each module with the listed equivalent mutants left out.
+
+    python scripts/mutation.py                  # every core module (see [tool.mutmut] in pyproject.toml)
+    python scripts/mutation.py --changed main   # only the core modules that differ from main
+    python scripts/mutation.py --report         # the scores of the last run, running nothing
+
+mutmut keeps its results in mutants/ and re-tests only the functions that changed since, so a second run is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENT = ROOT / "scripts" / "equivalent_mutants.toml"
+KILLED = {1, 3, 36, 24, -24, 152, 255, 37}  # a failing test, a timeout (24 and up: the CPU limit) or a type error
+
+
+def core_files() -> list[str]:
+    """The modules mutmut mutates, from pyproject.toml."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+
+
+def module(path: str) -> str:
+    """src/vaekit/uses/codec.py -> vaekit.uses.codec."""
+    return path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+
+
+def changed(base: str) -> list[str]:
+    """The core modules whose source differs from base (committed or not)."""
+    out = subprocess.run(["git", "diff", "--name-only", base, "--", "src"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"mutation: git diff against {base!r} failed: {out.stderr.strip()}")
+    touched = set(out.stdout.split())
+    return [f for f in core_files() if f in touched]
+
+
+def left_out() -> dict[str, str]:
+    """The mutants left out of the score with their reasons: the equivalent ones, and those only a GPU tells apart
+    when this machine has none."""
+    listed = tomllib.loads(EQUIVALENT.read_text())
+    out = dict(listed.get("equivalent", {}))
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    if not gpu:
+        out.update(listed.get("device", {}))
+    return out
+
+
+def results(files: list[str]) -> dict[str, dict[str, int | None]]:
+    """mutmut's exit code for every mutant of each module (None: not run yet)."""
+    found = {}
+    for f in files:
+        meta = ROOT / "mutants" / (f + ".meta")
+        found[f] = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    return found
+
+
+def report(files: list[str]) -> int:
+    """Print each module's score and its surviving mutants; 1 if a module is below 90% or not run."""
+    equivalent = left_out()
+    seen = set()
+    worst = 1.0
+    print(f"{'module':28} {'mutants':>7} {'killed':>6} {'equiv':>5} {'survived':>8} {'untested':>8} {'score':>6}")
+    for f, codes in results(files).items():
+        count: Counter[str] = Counter()
+        survivors = []
+        for name, code in codes.items():
+            if name in equivalent:
+                count["equiv"] += 1
+                seen.add(name)
+            elif code in KILLED:
+                count["killed"] += 1
+            elif code is None:
+                count["untested"] += 1
+            else:
+                count["survived"] += 1
+                survivors.append(name)
+        judged = len(codes) - count["equiv"] - count["untested"]
+        score = count["killed"] / judged if judged else 0.0
+        worst = min(worst, score if not count["untested"] else 0.0)
+        print(
+            f"{module(f):28} {len(codes):7} {count['killed']:6} {count['equiv']:5} {count['survived']:8}"
+            f" {count['untested']:8} {score:6.1%}"
+        )
+        for name in survivors:
+            print(f"    survived: {name}")
+    stale = sorted(set(equivalent) - seen - {n for c in results(core_files()).values() for n in c})
+    for name in stale:
+        print(f"listed as equivalent but no longer a mutant: {name}")
+    return 0 if worst >= 0.9 and not stale else 1
+
+
+def main() -> int:
+    """Run mutmut on the chosen core modules, then report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--changed", metavar="BASE", help="only the core modules that differ from this git revision")
+    parser.add_argument("--report", action="store_true", help="print the last run's scores without running")
+    parser.add_argument("--max-children", type=int, help="parallel workers (default: one per CPU)")
+    args = parser.parse_args()
+    files = changed(args.changed) if args.changed else core_files()
+    if not files:
+        print("no core module changed")
+        return 0
+    if not args.report:
+        extra = ["--max-children", str(args.max_children)] if args.max_children else []
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", *extra, *(f"{module(f)}.*" for f in files)], cwd=ROOT, check=False
+        )
+    return report(files)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
