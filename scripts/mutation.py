@@ -2,10 +2,11 @@
 score of each module with the listed equivalent mutants left out.
 
     python scripts/mutation.py                  # every core module (see [tool.mutmut] in pyproject.toml)
-    python scripts/mutation.py --changed main   # only the core modules that differ from main
+    python scripts/mutation.py --changed main   # every mutant of the core modules that differ from main
+    python scripts/mutation.py --survivors      # again the mutants that survived the last run, after new tests
     python scripts/mutation.py --report         # the scores of the last run, running nothing
 
-mutmut keeps its results in mutants/ and re-tests only the functions that changed since, so a second run is quick.
+mutmut keeps its results in mutants/ and a plain run tests only the mutants of functions that changed since.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> int:
     """Run mutmut on the chosen core modules, then report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--changed", metavar="BASE", help="only the core modules that differ from this git revision")
+    parser.add_argument("--survivors", action="store_true", help="run again the mutants that survived the last run")
     parser.add_argument("--report", action="store_true", help="print the last run's scores without running")
     parser.add_argument("--max-children", type=int, help="parallel workers (default: one per CPU)")
     args = parser.parse_args()
@@ -117,11 +119,15 @@ def main() -> int:
     if not files:
         print("no core module changed")
         return 0
-    if not args.report:
+    if args.survivors:
+        done, skip = results(files), left_out()
+        names = [n for codes in done.values() for n, c in codes.items() if c not in KILLED | {None} and n not in skip]
+    else:
+        # Named mutants are run again whatever their last result; with no names mutmut runs the untested ones.
+        names = [f"{module(f)}.*" for f in files] if args.changed else []
+    if not args.report and (names or not args.survivors):
         extra = ["--max-children", str(args.max_children)] if args.max_children else []
-        subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", *extra, *(f"{module(f)}.*" for f in files)], cwd=ROOT, check=False
-        )
+        subprocess.run([sys.executable, "-m", "mutmut", "run", *extra, *names], cwd=ROOT, check=False)
     return report(files)
 
 

@@ -319,6 +319,28 @@ def test_a_learned_deviation_below_its_floor_samples_at_the_floor():
     assert x.std().item() == pytest.approx(1e-3, rel=0.02)
 
 
+@pytest.mark.parametrize("name", ["bernoulli", "logistic-mixture"])
+def test_the_cdf_at_level_boundaries_accumulates_the_value_probabilities(name):
+    """cdf(b) = P(x < level b): 0 at the first boundary, 1 at the last, and its steps are the probabilities of the
+    levels that value_log_probs gives, to float64 precision: what the entropy coder codes with."""
+    lik = likelihoods.build((2, 3), ModelConfig(likelihood=name, mixtures=3))
+    params = 2 * torch.randn(4, *lik.params_shape(), generator=gen(0), dtype=f64)
+    cdf = lik.cdf(params, torch.arange(lik.levels + 1))
+    assert cdf.shape == (4, 2, 3, lik.levels + 1) and cdf.dtype == f64
+    assert (cdf[..., 0] == 0).all()
+    torch.testing.assert_close(cdf[..., -1], torch.ones(4, 2, 3, dtype=f64), rtol=0, atol=1e-12)
+    # A component's probabilities below 1e-5 come from its density at the level (a difference of two sigmoids loses
+    # its digits there, Salimans et al. 2017), so the steps agree with them to 1e-6, not to float64 precision.
+    torch.testing.assert_close(cdf.diff(dim=-1), lik.value_log_probs(params).exp(), rtol=0, atol=1e-6)
+    if name == "logistic-mixture":  # the mixture of logistic distribution functions at the edges between levels
+        logits, means, log_scales = params.unflatten(1, (3, 3, 2)).unbind(1)  # (4, k, 2, 3) each
+        edges = torch.cat([torch.tensor([-math.inf]), (2 * torch.arange(1, 256, dtype=f64) - 1) / 255 - 1])
+        edges = torch.cat([edges, torch.tensor([math.inf])])
+        terms = torch.sigmoid((edges - means[..., None]) / log_scales.clamp(min=-7).exp()[..., None])
+        expected = (logits.softmax(1)[..., None] * terms).sum(1)
+        torch.testing.assert_close(cdf, expected, rtol=0, atol=1e-14)
+
+
 def test_a_density_is_a_likelihood_but_not_a_discrete_one():
     """The Gaussian satisfies the likelihood protocol but offers no per-value probabilities."""
     lik = likelihoods.build((3,), ModelConfig(likelihood="gaussian"))
@@ -371,6 +393,13 @@ def test_the_conv_decoder_puts_its_activation_between_dense_and_deconvolution(sh
     spread = (params - params[0]).abs().max().item()
     assert spread == 0.0 if shift < 0 else spread > 1e-3
     assert (params < 0).any() and (params > 0).any()
+
+
+def test_the_conv_decoder_has_an_activation_between_every_two_deconvolutions_and_none_after_the_last():
+    """Three transposed convolutions with the activation between them, as in the encoder, and logits out of the last."""
+    model = VAE((1, 16, 16), ModelConfig(net="conv", channels=[4, 8, 8], hidden=[8], latent=2, activation="elu"))
+    layers = [type(m).__name__ for m in model.decoder.deconv]
+    assert layers == ["ConvTranspose2d", "ELU", "ConvTranspose2d", "ELU", "ConvTranspose2d"]
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic-mixture"])
