@@ -4,6 +4,7 @@ score of each module with the listed equivalent mutants left out.
     python scripts/mutation.py                  # every core module (see [tool.mutmut] in pyproject.toml)
     python scripts/mutation.py --changed main   # every mutant of the core modules that differ from main
     python scripts/mutation.py --survivors      # again the mutants that survived the last run, after new tests
+    python scripts/mutation.py --sample 30      # 30 mutants drawn from each core module, those not yet run
     python scripts/mutation.py --report         # the scores of the last run, running nothing
 
 mutmut keeps its results in mutants/ and a plain run tests only the mutants of functions that changed since.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -47,6 +50,11 @@ def changed(base: str) -> list[str]:
     return [f for f in core_files() if f in touched]
 
 
+def file_of(name: str, files: list[str]) -> str:
+    """The core module file a mutant belongs to."""
+    return max((f for f in files if name.startswith(module(f) + ".")), key=len)
+
+
 def left_out() -> dict[str, str]:
     """The mutants left out of the score with their reasons: the equivalent ones, and those only a GPU tells apart
     when this machine has none."""
@@ -72,12 +80,24 @@ def results(files: list[str]) -> dict[str, dict[str, int | None]]:
     return found
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson 95% interval of a proportion k / n: a module's score estimated from the mutants run so far."""
+    if not n:
+        return 0.0, 1.0
+    p, spread = k / n, z * math.sqrt(k * (n - k) / n + z * z / 4) / n
+    centre, scale = p + z * z / (2 * n), 1 + z * z / n
+    return (centre - spread) / scale, (centre + spread) / scale
+
+
 def report(files: list[str]) -> int:
     """Print each module's score and its surviving mutants; 1 if a module is below 90% or not run."""
     equivalent = left_out()
     seen = set()
     worst = 1.0
-    print(f"{'module':28} {'mutants':>7} {'killed':>6} {'equiv':>5} {'survived':>8} {'untested':>8} {'score':>6}")
+    print(
+        f"{'module':28} {'mutants':>7} {'killed':>6} {'equiv':>5} {'survived':>8} {'untested':>8} {'score':>6}"
+        "  (95% interval while untested mutants remain)"
+    )
     for f, codes in results(files).items():
         count: Counter[str] = Counter()
         survivors = []
@@ -95,9 +115,11 @@ def report(files: list[str]) -> int:
         judged = len(codes) - count["equiv"] - count["untested"]
         score = count["killed"] / judged if judged else 0.0
         worst = min(worst, score if not count["untested"] else 0.0)
+        low, high = wilson(count["killed"], judged)
+        interval = f"  ({low:.0%} to {high:.0%})" if count["untested"] and judged else ""
         print(
             f"{module(f):28} {len(codes):7} {count['killed']:6} {count['equiv']:5} {count['survived']:8}"
-            f" {count['untested']:8} {score:6.1%}"
+            f" {count['untested']:8} {score:6.1%}{interval}"
         )
         for name in survivors:
             print(f"    survived: {name}")
@@ -112,6 +134,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--changed", metavar="BASE", help="only the core modules that differ from this git revision")
     parser.add_argument("--survivors", action="store_true", help="run again the mutants that survived the last run")
+    parser.add_argument("--sample", type=int, metavar="N", help="run N mutants drawn from each module not yet run")
     parser.add_argument("--report", action="store_true", help="print the last run's scores without running")
     parser.add_argument("--max-children", type=int, help="parallel workers (default: one per CPU)")
     args = parser.parse_args()
@@ -119,7 +142,14 @@ def main() -> int:
     if not files:
         print("no core module changed")
         return 0
-    if args.survivors:
+    if args.sample:
+        done = results(files)
+        if not any(done.values()):
+            sys.exit("mutation: --sample draws from the mutants of an earlier run; run once without it first")
+        rng = random.Random(0)
+        names = [n for codes in done.values() for n in rng.sample(sorted(codes), min(args.sample, len(codes)))]
+        names = [n for n in names if done[file_of(n, files)][n] is None]
+    elif args.survivors:
         done, skip = results(files), left_out()
         names = [n for codes in done.values() for n, c in codes.items() if c not in KILLED | {None} and n not in skip]
     else:
