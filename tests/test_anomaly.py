@@ -225,9 +225,17 @@ def test_detector_follows_scikit_learn_conventions_and_saves_as_a_run(tmp_path):
     assert (detector.predict(far) == -1).all() and (detector.decision_function(far) < 0).all()
     np.testing.assert_allclose(detector.decision_function(x), detector.score_samples(x) - detector.offset_)
     run = detector.save(tmp_path / "detector")
+    saved = json.loads(run.path("anomaly").read_text())
+    assert saved["format"] == "vaekit-anomaly" and saved["version"] == 1 and saved["score"] == "elbo"
+    assert saved["normal_data"] == {"data": "the training data", "sha256": detector.fingerprint_}
     again = AnomalyDetector.load(run.dir)
+    assert again.get_params() == detector.get_params()
     np.testing.assert_array_equal(again.predict(x), detector.predict(x))
     np.testing.assert_allclose(again.score_samples(x), detector.score_samples(x), rtol=1e-6)
+    # A calibration without the digest of its data (written by hand) loads, with the digest unknown: empty.
+    del saved["normal_data"]["sha256"]
+    run.path("anomaly").write_text(json.dumps(saved))
+    assert AnomalyDetector.load(run.dir).fingerprint_ == ""
     np.savetxt(tmp_path / "rows.csv", far, delimiter=",", header="x0,x1,x2,x3", comments="")
     _, flags, _ = anomaly.score_run(run.dir, data=tmp_path / "rows.csv")
     assert flags.all()
@@ -291,3 +299,14 @@ def test_cli_anomaly_help_lists_the_commands():
     for group, commands in (("anomaly", ["calibrate", "score", "report"]), ("benchmark", ["one-class"])):
         out = subprocess.run([sys.executable, "-m", "vaekit", group, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and all(c in out.stdout for c in commands), out.stdout
+
+
+def test_the_latent_fit_survives_json_exactly():
+    """The aggregate posterior's Gaussian, written to a calibration's JSON and read back, is the same float64 mean
+    and precision, so that a loaded detector's latent scores are the fitted one's."""
+    torch.manual_seed(0)
+    model = vaekit.VAE((6,), vaekit.ModelConfig(hidden=[8], latent=3))
+    fit = anomaly.fit_latent(model, torch.rand(50, 6))
+    again = anomaly.LatentFit.from_dict(json.loads(json.dumps(fit.to_dict())))
+    assert fit.mean.dtype == fit.precision.dtype == torch.float64
+    assert torch.equal(again.mean, fit.mean) and torch.equal(again.precision, fit.precision)

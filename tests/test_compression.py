@@ -189,6 +189,30 @@ def test_image_folder_round_trip_keeps_names_and_pixels(grey, tmp_path, capsys):
     assert_one_line_error(code, err)
 
 
+def test_colour_images_round_trip_into_an_existing_empty_folder(tmp_path, capsys):
+    """RGB PNGs come back with the same pixels in their channel order, written into a folder that exists but is
+    empty (a file, or a folder with anything in it, is refused)."""
+    rng = np.random.default_rng(0)
+    source = tmp_path / "colour"
+    source.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(source / f"{i}.png")
+    run = vaekit.train("digits", tmp_path / "run", data=str(source), epochs=1, latent=2, hidden=[8], verbose=False,
+                       likelihood="logistic-mixture", **{"data.image_size": 8})  # fmt: skip
+    assert run_cli(["compress", run.dir, source, "-o", tmp_path / "c.vkz", "-q"], capsys)[0] == 0
+    (tmp_path / "file").write_text("")
+    for taken in (tmp_path / "file", source):
+        code, _, err = run_cli(["decompress", tmp_path / "c.vkz", "--run", run.dir, "-o", taken, "-q"], capsys)
+        assert_one_line_error(code, err)
+        assert "is not an empty folder" in err
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(["decompress", tmp_path / "c.vkz", "--run", run.dir, "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    for i in range(8):
+        back = np.asarray(Image.open(tmp_path / "out" / f"{i}.png"))
+        assert back.shape == (8, 8, 3) and np.array_equal(back, np.asarray(Image.open(source / f"{i}.png")))
+
+
 def test_a_split_of_the_runs_data_round_trips(binary, tmp_path, capsys):
     """`vaekit compress RUN test` codes the run's own test split; it decompresses to that split as an array."""
     _, run = binary
@@ -328,6 +352,7 @@ def test_crafted_headers_are_one_line_errors_with_no_output(binary, grey, tmp_pa
     count = len(DIGITS)
     cases = {
         "infinite count": (binary, _edit(codec={"count": float("inf")}), "count"),
+        "fractional precision": (binary, _edit(codec={"precision": 16.5}), "precision must be an integer"),
         "negative step": (binary, _edit(codec={"count": -1, "batches": [-1]}), "coding step"),
         "steps that do not add up": (binary, _edit(codec={"batches": [1, 4, 0]}), "coding step"),
         "one huge step": (binary, _edit(codec={"count": 10**9, "batches": [10**9]}), "coding step"),

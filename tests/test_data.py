@@ -77,6 +77,8 @@ def test_mnist_in_empty_root_without_download_names_the_raw_folder(tmp_path):
         load_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
     assert str(tmp_path / "MNIST" / "raw") in str(err.value)
     assert "\n" not in str(err.value)
+    # Why, in words, and the last line of torchvision's own message.
+    assert "download is switched off (Dataset not found" in str(err.value)
 
 
 # ---------------------------------------------------------------- binarized MNIST .amat files
@@ -498,3 +500,43 @@ def test_the_bundled_digits_are_scikit_learns():
     images, target = _digits_arrays()
     bunch = load_digits()
     assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((np.arange(30).reshape(30, 1) % 3 == 0) * np.ones((1, 4), np.int16), (np.arange(30) % 3 == 0)),
+        (np.arange(30).reshape(30, 1) % 2 == 1, np.arange(30) % 2 == 1),
+    ],
+    ids=["int16", "bool"],
+)
+def test_integer_and_boolean_arrays_load_as_their_values(tmp_path, values, expected):
+    """Integers other than 8-bit ones (here 0 and 1) and booleans are read as the numbers they are (only uint8 is
+    scaled by 255)."""
+    np.save(tmp_path / "a.npy", values)
+    x, _ = _combined(load_data(DataConfig(name=str(tmp_path / "a.npy"))))
+    assert x.dtype == torch.float32 and x.shape[1:] == values.shape[1:]
+    assert sorted(x[:, 0].tolist()) == sorted(expected.astype(float).tolist())
+
+
+def test_an_npz_of_one_array_under_any_name_is_its_examples_and_y_is_its_labels(tmp_path):
+    """An .npz holding a single array takes it as the examples whatever its name; next to x, y holds the labels."""
+    x = np.arange(40, dtype=np.float32).reshape(20, 2) / 40
+    np.savez(tmp_path / "one.npz", measurements=x)
+    data = load_data(DataConfig(name=str(tmp_path / "one.npz")))
+    got, labels = _combined(data)
+    assert labels is None and sorted(got[:, 0].tolist()) == sorted(x[:, 0].tolist())
+    np.savez(tmp_path / "two.npz", x=x, y=np.arange(20) % 3)
+    got, labels = _combined(load_data(DataConfig(name=str(tmp_path / "two.npz"))))
+    assert labels is not None
+    assert (labels == torch.from_numpy((got[:, 0].numpy() * 40).round().astype(int) // 2 % 3)).all()
+    np.savez(tmp_path / "three.npz", a=x, b=x)
+    with pytest.raises(VaekitError, match="must hold an array 'x'"):
+        load_data(DataConfig(name=str(tmp_path / "three.npz")))
+
+
+def test_classes_of_data_without_labels_is_an_error_that_says_so(tmp_path):
+    """data.classes keeps the examples of some labels: on data without labels it is refused, saying why."""
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((20, 3)))
+    with pytest.raises(VaekitError, match="data.classes needs labels, and data '.*a.npy' has none"):
+        load_data(DataConfig(name=str(tmp_path / "a.npy"), classes=[1]))
