@@ -410,3 +410,69 @@ def test_compression_presets_build_models_that_code(name):
     x = np.random.default_rng(0).integers(0, levels, size=(3, 1, 28, 28))
     coded, _ = codec.encode(model, x)
     assert np.array_equal(codec.decode(model, coded)[0], x)
+
+
+@pytest.mark.parametrize("latent", [1, 8, 64, 1000])
+@pytest.mark.parametrize("precision", [2, 16, codec.MAX_PRECISION])
+def test_the_seed_holds_the_first_examples_latents_twice_over(latent, precision):
+    """The seed the stack starts on has room for two draws of a latent code at the coding precision."""
+    assert codec.seed_size(latent, precision) * 32 >= 2 * latent * precision
+    assert codec.seed_size(latent, precision) >= codec.SEED_WORDS
+
+
+def _coded_digits(n: int) -> tuple[VAE, np.ndarray, codec.Coded]:
+    """A small untrained Bernoulli model, n binary digits as levels, and their code."""
+    torch.manual_seed(0)
+    model = VAE((1, 8, 8), ModelConfig(hidden=[16], latent=2))
+    levels = (DIGITS[:n, None] >= 8).astype(np.int64)
+    return model, levels, codec.encode(model, levels)[0]
+
+
+def test_a_message_cut_short_is_a_corrupt_file_not_other_examples():
+    """Decoding words with the end cut off does not give examples: it says the file is corrupt."""
+    model, levels, coded = _coded_digits(20)
+    assert np.array_equal(codec.decode(model, coded)[0], levels)
+    coded.words = coded.words[: len(coded.words) // 2]
+    with pytest.raises(vaekit.VaekitError, match="do not decode to a complete message: the file is corrupt"):
+        codec.decode(model, coded)
+
+
+class _Terminal:
+    """A stand-in for stderr on a terminal, where tqdm shows its bars unless told not to."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_progress_bars_show_on_a_terminal_only_when_asked(progress, monkeypatch):
+    """Coding, decoding and the likelihood estimate draw a bar on a terminal with progress, and nothing without."""
+    model, levels, coded = _coded_digits(5)
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    codec.encode(model, levels, progress=progress)
+    codec.decode(model, coded, progress=progress)
+    vaekit.log_likelihood(model, torch.from_numpy(levels).float(), k=10, progress=progress)
+    assert ("compress" in terminal.text and "decompress" in terminal.text and "evaluate" in terminal.text) == progress
+    assert (terminal.text == "") != progress
+
+
+def test_negative_zeros_cannot_be_restored_and_are_refused(binary, tmp_path, capsys):
+    """-0.0 is not 0.0 bit for bit: floats with a sign bit set are refused, not silently made positive."""
+    _, run = binary
+    x = (DIGITS[:10] >= 8).astype(np.float32)
+    x[0, 0, 0] = -0.0
+    np.save(tmp_path / "signed.npy", x)
+    code, _, err = run_cli(["compress", run, tmp_path / "signed.npy", "-o", tmp_path / "s.vkz"], capsys)
+    assert_one_line_error(code, err)
+    assert "bit for bit" in err and not (tmp_path / "s.vkz").exists()
