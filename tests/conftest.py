@@ -57,6 +57,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+class Terminal:
+    """A stand-in for stderr on a terminal, where tqdm shows its bars unless told not to."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
 def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the vaekit command in this process: its exit code, stdout and stderr."""
     code = main([str(a) for a in argv])

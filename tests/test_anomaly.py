@@ -190,13 +190,15 @@ def test_bad_anomaly_inputs_are_one_line_errors(eights, tmp_path, capsys):
     shutil.copy(run / "anomaly.json", other / "anomaly.json")
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((5, 1, 9, 9), np.float32))
+    np.save(tmp_path / "unlabelled.npy", np.zeros((5, 1, 8, 8), np.float32))
     bad = {
         "another model's threshold": (["anomaly", "score", other, "-o", tmp_path / "s.csv"], "other weights"),
         "another shape": (["anomaly", "score", run, "--data", wide, "-o", tmp_path / "s.csv"], "(1, 9, 9)"),
         "unknown score": (["anomaly", "calibrate", run, "--score", "magic"], "unknown anomaly score"),
         "unknown label": (["anomaly", "report", run, "--normal", "7,x"], "numbers"),
         "fpr of one": (["anomaly", "calibrate", run, "--fpr", "1"], "between 0 and 1"),
-        "unlabelled data": (["anomaly", "report", run, "--data", tmp_path / "wide.npy"], "(1, 9, 9)"),
+        "wide data": (["anomaly", "report", run, "--data", tmp_path / "wide.npy"], "(1, 9, 9)"),
+        "unlabelled data": (["anomaly", "report", run, "--data", tmp_path / "unlabelled.npy"], "have no labels"),
     }  # fmt: skip
     for name, (argv, says) in bad.items():
         code, _, err = run_cli(argv, capsys)

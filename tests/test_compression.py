@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, assert_one_line_error, run_cli
+from conftest import SHARED, Terminal, assert_one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -437,28 +437,11 @@ def test_a_message_cut_short_is_a_corrupt_file_not_other_examples():
         codec.decode(model, coded)
 
 
-class _Terminal:
-    """A stand-in for stderr on a terminal, where tqdm shows its bars unless told not to."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, s: str) -> int:
-        self.text += s
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("progress", [False, True])
 def test_progress_bars_show_on_a_terminal_only_when_asked(progress, monkeypatch):
     """Coding, decoding and the likelihood estimate draw a bar on a terminal with progress, and nothing without."""
     model, levels, coded = _coded_digits(5)
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     codec.encode(model, levels, progress=progress)
     codec.decode(model, coded, progress=progress)
@@ -476,3 +459,10 @@ def test_negative_zeros_cannot_be_restored_and_are_refused(binary, tmp_path, cap
     code, _, err = run_cli(["compress", run, tmp_path / "signed.npy", "-o", tmp_path / "s.vkz"], capsys)
     assert_one_line_error(code, err)
     assert "bit for bit" in err and not (tmp_path / "s.vkz").exists()
+
+
+def test_a_two_layer_model_is_refused_by_the_codec_saying_why():
+    """Bits-back coding here codes one latent layer; a model with two is refused, naming the reason."""
+    model = VAE((1, 8, 8), ModelConfig(hidden=[16], latent=4, hidden2=[8], latent2=2))
+    with pytest.raises(vaekit.VaekitError, match="bits-back coding supports one stochastic layer; this model has two"):
+        codec.check_model(model)

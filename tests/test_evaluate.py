@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Terminal
 from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
@@ -18,7 +19,7 @@ from vaekit.cli import main
 from vaekit.config import ModelConfig
 from vaekit.likelihoods import Bernoulli
 from vaekit.model import VAE, log_weights
-from vaekit.uses.evaluation import estimate
+from vaekit.uses.evaluation import estimate, table
 
 D, L, SIGMA = 5, 2, 0.5  # the linear-Gaussian model: x = W z + b + SIGMA * noise, z ~ N(0, I_L)
 f64 = torch.float64
@@ -326,6 +327,8 @@ def test_cli_evaluate_writes_summary_and_per_example_arrays(pristine_run, digits
     summary = json.loads((run / "evaluation.json").read_text())
     n_test = len(digits.split("test").x)
     assert summary["split"] == "test" and summary["k"] == 50 and summary["seed"] == 0
+    assert summary["likelihood"] == "bernoulli" and summary["active_units_per_layer"] == [summary["active_units"]]
+    assert summary["note"].startswith("the data do not all lie on the binary values 0 and 1, so the bernoulli")
     assert summary["examples"] == n_test
     assert summary["neg_elbo"] > 0 and summary["nll"] > 0
     assert summary["nll"] <= summary["neg_elbo"] + 1e-6
@@ -393,9 +396,10 @@ def test_cli_evaluate_limit_scores_the_first_examples_of_the_split(pristine_run,
         for key in ("nll", "neg_elbo"):
             assert np.array_equal(a[key][:7], b[key]) and not np.array_equal(a[key][1:8], b[key])
     n_test = len(digits.split("test").x)
-    result, summary = vaekit.evaluate(run, k=20, limit=n_test + 5, max_elements=20 * 64, progress=False)
-    assert summary["examples"] == n_test and "first" not in summary
-    assert json.loads((run / "evaluation.json").read_text())["nll"] == whole["nll"] == summary["nll"]
+    for limit in (n_test, n_test + 5):  # the whole split, saved as such
+        result, summary = vaekit.evaluate(run, k=20, limit=limit, max_elements=20 * 64, progress=False)
+        assert summary["examples"] == n_test and "first" not in summary
+        assert json.loads((run / "evaluation.json").read_text())["nll"] == whole["nll"] == summary["nll"]
     assert sorted(p.name for p in run.glob("evaluation*")) == [
         "evaluation-first7.json",
         "evaluation-first7.npz",
@@ -415,6 +419,13 @@ BAD = {
     "max elements zero": ["--max-elements", "0"],
     "limit zero": ["--limit", "0"],
 }
+SAYS = {  # what the error names, for the cases where vaekit words it
+    "k zero": "k must be an integer from 1 to 10,000,000, got 0",
+    "negative seed": "the seed must be an integer from 0 to 2**63 - 1, got -1",
+    "max elements zero": "max_elements must be at least 1, got 0",
+    "limit zero": "the limit must be at least 1 example, got 0",
+    "unknown split": "no split 'bogus'",
+}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -429,7 +440,7 @@ def test_cli_evaluate_bad_input_is_one_line_and_exit_2(case, pristine_run, tmp_p
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith("vaekit: error:")
+    assert lines[0].startswith("vaekit: error:") and SAYS.get(case, "") in lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
     if case == "missing run":
         assert not run.exists()
@@ -485,3 +496,35 @@ def test_no_decoder_output_holds_more_than_max_elements_and_blocks_fill_it(k, ma
     x = torch.bernoulli(torch.full((n, 64), 0.5))
     vaekit.log_likelihood(model, x, k=k, max_elements=max_elements)
     assert len(sizes) == calls and max(sizes) == largest
+
+
+def test_the_evaluation_table_says_every_number_with_its_unit():
+    """The lines `vaekit evaluate` prints: names, values to four places with their units, n/a for a bits/dim that
+    does not apply, the subset evaluated, and the note."""
+    summary = {"split": "test", "examples": 7, "first": 7, "k": 50, "neg_elbo": 25.123456, "nll": 24.5,
+               "bits_per_dim": None, "kl": 3.25, "active_units": 2, "kl_per_dim": [1.0, 2.25, 0.0],
+               "seconds": 1.26, "note": "a note"}  # fmt: skip
+    assert table(summary).splitlines() == [
+        "split                first 7 of test (7 examples)",
+        "negative ELBO        25.1235 nats",
+        "NLL (IS, k=50)       24.5000 nats",
+        "bits/dim             n/a",
+        "KL                   3.2500 nats",
+        "active units         2 of 3",
+        "time                 1.3 s",
+        "note: a note",
+    ]
+    whole = {**{k: v for k, v in summary.items() if k not in ("first", "note")}, "bits_per_dim": 0.123456}
+    lines = table(whole).splitlines()
+    assert lines[0] == "split                test (7 examples)" and lines[3] == "bits/dim             0.1235"
+    assert len(lines) == 7
+
+
+def test_evaluate_shows_its_progress_on_a_terminal_unless_told_not_to(pristine_run, monkeypatch):
+    """A long evaluation draws a bar on a terminal by default; progress=False keeps it quiet."""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    vaekit.evaluate(pristine_run, k=2, save=False, progress=False)
+    assert terminal.text == ""
+    vaekit.evaluate(pristine_run, k=2, save=False)
+    assert "evaluate k=2" in terminal.text
