@@ -312,3 +312,18 @@ def test_the_latent_fit_survives_json_exactly():
     again = anomaly.LatentFit.from_dict(json.loads(json.dumps(fit.to_dict())))
     assert fit.mean.dtype == fit.precision.dtype == torch.float64
     assert torch.equal(again.mean, fit.mean) and torch.equal(again.precision, fit.precision)
+
+
+def test_the_latent_score_is_fitted_on_the_training_split_when_calibrated_and_when_reported(eights, tmp_path, capsys):
+    """--score latent fits the aggregate posterior of the run's training examples, whether `anomaly calibrate` stores
+    it or `anomaly report` fits it for itself; `report` with no score and no calibration measures the nll."""
+    run = shutil.copytree(eights, tmp_path / "run")
+    opened = vaekit.open_run(run)
+    expected = anomaly.fit_latent(opened.model, opened.examples("train").x).to_dict()
+    assert run_cli(["anomaly", "report", run, "--k", "5"], capsys)[0] == 0
+    assert json.loads((run / "anomaly-report" / "report.json").read_text())["score"] == "nll"
+    assert run_cli(["anomaly", "report", run, "--score", "latent"], capsys)[0] == 0
+    reported = json.loads((run / "anomaly-report" / "report.json").read_text())
+    assert reported["score"] == "latent" and 0 <= reported["auroc"] <= 1
+    assert run_cli(["anomaly", "calibrate", run, "--score", "latent"], capsys)[0] == 0
+    assert json.loads((run / "anomaly.json").read_text())["latent"] == expected
