@@ -4,6 +4,7 @@ calibrated false-alarm rates, the scikit-learn-style detector, the score file, b
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -326,4 +327,7 @@ def test_the_latent_score_is_fitted_on_the_training_split_when_calibrated_and_wh
     reported = json.loads((run / "anomaly-report" / "report.json").read_text())
     assert reported["score"] == "latent" and 0 <= reported["auroc"] <= 1
     assert run_cli(["anomaly", "calibrate", run, "--score", "latent"], capsys)[0] == 0
-    assert json.loads((run / "anomaly.json").read_text())["latent"] == expected
+    calibration = json.loads((run / "anomaly.json").read_text())
+    assert calibration["latent"] == expected
+    assert set(calibration["normal_data"]) == {"data", "examples", "sha256"}
+    assert re.fullmatch(r"[0-9a-f]{64}", calibration["normal_data"]["sha256"])

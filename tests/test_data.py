@@ -540,3 +540,13 @@ def test_classes_of_data_without_labels_is_an_error_that_says_so(tmp_path):
     np.save(tmp_path / "a.npy", np.random.default_rng(0).random((20, 3)))
     with pytest.raises(VaekitError, match="data.classes needs labels, and data '.*a.npy' has none"):
         load_data(DataConfig(name=str(tmp_path / "a.npy"), classes=[1]))
+
+
+def test_a_table_with_text_labels_keeps_their_names(tmp_path):
+    """A CSV whose label column is text gives numeric labels and the names they stand for, in sorted order."""
+    rows = [f"{i / 10},{(i * 7 % 10) / 10},{'ab'[i % 2]}" for i in range(10)]
+    (tmp_path / "t.csv").write_text("u,v,kind\n" + "\n".join(rows) + "\n")
+    data = load_data(DataConfig(name=str(tmp_path / "t.csv"), label_column="kind"))
+    assert data.label_names == ["a", "b"]
+    x, y = _combined(data)
+    assert x.shape == (10, 2) and sorted(y.tolist()) == [0] * 5 + [1] * 5

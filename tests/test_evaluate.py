@@ -528,3 +528,11 @@ def test_evaluate_shows_its_progress_on_a_terminal_unless_told_not_to(pristine_r
     assert terminal.text == ""
     vaekit.evaluate(pristine_run, k=2, save=False)
     assert "evaluate k=2" in terminal.text
+
+
+def test_sums_over_draws_are_float64_except_on_apple_gpus():
+    """Thousands of log-weights are summed in float64, on every device that has it: all but Apple's (MPS)."""
+    from vaekit.importance import accumulation_dtype
+
+    assert accumulation_dtype(torch.device("mps")) == torch.float32
+    assert accumulation_dtype(torch.device("cpu")) == accumulation_dtype(torch.device("cuda")) == torch.float64
