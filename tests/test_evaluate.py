@@ -536,3 +536,14 @@ def test_sums_over_draws_are_float64_except_on_apple_gpus():
 
     assert accumulation_dtype(torch.device("mps")) == torch.float32
     assert accumulation_dtype(torch.device("cpu")) == accumulation_dtype(torch.device("cuda")) == torch.float64
+
+
+def test_the_argument_limits_are_where_they_say():
+    """The largest seed is 2**63 - 1 and the smallest memory cap one number: both work, one past them is refused."""
+    model = VAE((4,), ModelConfig(hidden=[4], latent=1))
+    x = torch.bernoulli(torch.full((3, 4), 0.5))
+    assert torch.isfinite(vaekit.log_likelihood(model, x, k=3, seed=2**63 - 1, max_elements=1)).all()
+    with pytest.raises(vaekit.VaekitError, match=f"from 0 to 2\\*\\*63 - 1, got {2**63}"):
+        vaekit.log_likelihood(model, x, k=3, seed=2**63)
+    with pytest.raises(vaekit.VaekitError, match="max_elements must be at least 1, got 0"):
+        vaekit.log_likelihood(model, x, k=3, max_elements=0)

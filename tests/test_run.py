@@ -198,3 +198,22 @@ def test_data_passed_in_memory_are_recorded_as_such_and_asked_for(digits, tmp_pa
     assert summary["examples"] == 50
     with pytest.raises(vaekit.VaekitError, match="not those .* was trained on"):
         vaekit.open_run(run, data=digits)
+
+
+def test_a_run_on_a_data_file_moved_with_it_resumes_with_data_dir(tmp_path, capsys):
+    """A run on a .npy moved with its file to another folder resumes there with --data-dir naming the new folder:
+    the file's path changed but not its name or its contents. Another file under the same name is refused."""
+    first = tmp_path / "first"
+    first.mkdir()
+    np.save(first / "x.npy", np.random.default_rng(0).random((40, 6), dtype=np.float32))
+    train = ["train", "--data", first / "x.npy", "--epochs", "1", "--no-plots", "-q"]
+    assert run_cli([*train, "--out", first / "run"], capsys)[0] == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    resume = ["train", "--resume", moved / "run", "--no-plots", "-q", "--data-dir", moved, "--epochs"]
+    code, _, err = run_cli([*resume, "2"], capsys)
+    assert code == 0, err
+    assert [m["epoch"] for m in vaekit.read_metrics(moved / "run")] == [1, 2]
+    np.save(moved / "x.npy", np.random.default_rng(1).random((40, 6), dtype=np.float32))
+    code, _, err = run_cli([*resume, "3"], capsys)
+    assert_one_line_error(code, err)
