@@ -1,6 +1,7 @@
 """Training on real data: the loss falls, runs are reproducible, and saved models load back exactly."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -223,3 +224,13 @@ def test_binarize_feeds_fresh_binary_batches_to_the_objective(digits, tmp_path):
     matched = [(i, second[bytes(g.numpy())]) for i, g in enumerate(grey[:half]) if bytes(g.numpy()) in second]
     redrawn = sum(not torch.equal(binary[i], binary[half + j]) for i, j in matched)
     assert len(matched) > half * 0.9 and redrawn > 0.9 * len(matched)
+
+
+def test_a_long_run_reports_about_fifteen_epochs_the_first_and_the_last(digits, tmp_path, capsys):
+    """A run of 32 epochs prints every second epoch (32 // 15 = 2), the first and the last; a run of 5 prints each."""
+    small = vaekit.Dataset("small", {s: digits.split(s).take(slice(0, 64)) for s in ("train", "test")})
+    for epochs, expected in ((32, [1, *range(2, 33, 2)]), (5, [1, 2, 3, 4, 5])):
+        capsys.readouterr()
+        vaekit.train("digits", out=tmp_path / f"run{epochs}", dataset=small, epochs=epochs, batch_size=64, hidden=[8])
+        printed = [int(m) for m in re.findall(r"^epoch +(\d+) ", capsys.readouterr().out, re.M)]
+        assert printed == expected
