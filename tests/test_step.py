@@ -200,3 +200,44 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path):
     assert lines == [lines[0]] and lines[0].startswith("step eager (torch.compile failed:"), done.stdout
     assert "Traceback" not in done.stderr
     assert len(vaekit.read_metrics(tmp_path / "run")) == 1
+
+
+def _failing(message: str):
+    """A stand-in for a compiled objective that fails as torch.compile does without a compiler: before any update."""
+
+    def objective(x: torch.Tensor, beta: float) -> torch.Tensor:
+        raise RuntimeError(message)
+
+    return objective
+
+
+@pytest.mark.parametrize(
+    ("message", "detail"), [("no C++ compiler\nat line 2", "no C++ compiler"), ("", "RuntimeError")]
+)
+def test_a_compiled_step_that_fails_is_redone_eagerly_and_says_why_in_one_line(digits, message, detail):
+    """A failing compiled objective falls back to the eager one for this step and the next: the update is the eager
+    step's exactly, and the step says once why it runs eagerly, in the first line of the error (or its type)."""
+    said = []
+    model, optimizer, step = _model_and_step(compile="on")
+    twin_model, twin_optimizer, twin = _model_and_step(compile="off")
+    step.say = said.append
+    step.objective = _failing(message)
+    assert step.compiled
+    x = digits.split("train").x[:64]
+    for i in range(2):
+        torch.manual_seed(i)  # the posterior draws come from the global generator
+        loss, made = step(x, 1.0)
+        torch.manual_seed(i)
+        twin_loss, twin_made = twin(x, 1.0)
+        assert torch.equal(loss, twin_loss) and bool(made) and bool(twin_made)
+    assert not step.compiled and said == [f"step eager (torch.compile failed: {detail})"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
+
+
+def test_an_eager_step_that_fails_raises():
+    """Only a compiled step falls back: an error in the eager objective is the caller's."""
+    _, _, step = _model_and_step(compile="off")
+    step.objective = step.eager = _failing("a real bug")
+    assert not step.compiled
+    with pytest.raises(RuntimeError, match="a real bug"):
+        step(torch.zeros(4, 1, 8, 8), 1.0)
