@@ -241,3 +241,22 @@ def test_an_eager_step_that_fails_raises():
     assert not step.compiled
     with pytest.raises(RuntimeError, match="a real bug"):
         step(torch.zeros(4, 1, 8, 8), 1.0)
+
+
+def test_the_step_says_how_it_runs_only_when_that_is_news(digits):
+    """Under train.compile = auto a short run trains eagerly without a word; set to off it says so after its first
+    step, once; bf16 on a CPU warns before the first step that it is slower there."""
+    x = digits.split("train").x[:64]
+    for train, expected in (
+        ({}, []),
+        ({"compile": "off"}, ["step eager (train.compile is off)"]),
+        ({"compile": "off", "precision": "bf16"}, ["slower than fp32", "step eager (train.compile is off)"]),
+    ):
+        cfg = make_config("digits", overrides={f"train.{k}": v for k, v in train.items()})
+        model = VAE((1, 8, 8), cfg.model)
+        optimizer, _ = make_optimizer(cfg.train, model, torch.device("cpu"))
+        said: list[str] = []
+        step = Step(cfg, model, optimizer, steps=100, say=said.append)
+        step(x, 1.0)
+        step(x, 1.0)
+        assert len(said) == len(expected) and all(e in line for e, line in zip(expected, said, strict=True)), said
