@@ -308,6 +308,9 @@ def test_samples_follow_the_generator_and_the_likelihoods_mean(name, device):
     torch.testing.assert_close(x.mean(0), lik.mean(many[0]), rtol=0, atol=0.01)
     if name == "gaussian":
         torch.testing.assert_close(x.std(0), torch.full((3,), 0.2, device=device), rtol=0.02, atol=0)
+        # Drawn in the parameters' precision: float64 noise is not float32 noise widened.
+        noise = lik.sample(many[:100].double(), gen_on(0)) - many[:100].double()
+        assert noise.dtype == f64 and not torch.equal(noise, noise.float().double())
 
 
 def test_a_learned_deviation_below_its_floor_samples_at_the_floor():
