@@ -28,7 +28,9 @@ else:
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "scripts" / "equivalent_mutants.toml"
-KILLED = {1, 3, 36, 24, -24, 152, 255, 37}  # a failing test, a timeout (24 and up: the CPU limit) or a type error
+# mutmut's exit codes of a detected mutant: a failing test (1; 3 when pytest itself fails), a timeout (36, and 24, -24,
+# 152 and 255 for the CPU limit's signal) or a type error (37).
+KILLED = {1, 3, 36, 24, -24, 152, 255, 37}
 
 
 def core_files() -> list[str]:
