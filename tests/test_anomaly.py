@@ -199,7 +199,8 @@ def test_bad_anomaly_inputs_are_one_line_errors(eights, tmp_path, capsys):
         "unknown label": (["anomaly", "report", run, "--normal", "7,x"], "numbers"),
         "fpr of one": (["anomaly", "calibrate", run, "--fpr", "1"], "between 0 and 1"),
         "wide data": (["anomaly", "report", run, "--data", tmp_path / "wide.npy"], "(1, 9, 9)"),
-        "unlabelled data": (["anomaly", "report", run, "--data", tmp_path / "unlabelled.npy"], "have no labels"),
+        "unlabelled data": (["anomaly", "report", run, "--data", tmp_path / "unlabelled.npy"],
+                            ": these data have no labels, so there is nothing to measure the scores against\n"),
     }  # fmt: skip
     for name, (argv, says) in bad.items():
         code, _, err = run_cli(argv, capsys)
