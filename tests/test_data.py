@@ -550,3 +550,15 @@ def test_a_table_with_text_labels_keeps_their_names(tmp_path):
     assert data.label_names == ["a", "b"]
     x, y = _combined(data)
     assert x.shape == (10, 2) and sorted(y.tolist()) == [0] * 5 + [1] * 5
+
+
+def test_splits_of_different_shapes_are_refused_naming_the_odd_one(tmp_path):
+    """An .npz whose x_test has another example shape than x_train is refused, naming the split and its shape; a
+    split asked of such a file for scoring names the data when it is missing."""
+    np.savez(tmp_path / "odd.npz", x_train=np.zeros((4, 3, 5), np.float32), x_test=np.zeros((4, 3, 6), np.float32))
+    with pytest.raises(VaekitError) as refused:
+        load_data(DataConfig(name=str(tmp_path / "odd.npz")))
+    assert str(refused.value) == f"data '{tmp_path / 'odd.npz'}': split 'test' has examples of shape (1, 3, 6)"
+    np.savez(tmp_path / "two.npz", x_train=np.zeros((4, 6), np.float32), x_test=np.zeros((2, 6), np.float32))
+    with pytest.raises(VaekitError, match=f"data set '{tmp_path / 'two.npz'}' has no split 'valid'"):
+        vaekit.data.load_examples(DataConfig(name=str(tmp_path / "two.npz")), split="valid")
