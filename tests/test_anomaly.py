@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import Terminal, assert_one_line_error, run_cli
 from sklearn.datasets import load_breast_cancer
 
 import vaekit
@@ -332,3 +332,12 @@ def test_the_latent_score_is_fitted_on_the_training_split_when_calibrated_and_wh
     assert calibration["latent"] == expected
     assert set(calibration["normal_data"]) == {"data", "examples", "sha256"}
     assert re.fullmatch(r"[0-9a-f]{64}", calibration["normal_data"]["sha256"])
+
+
+def test_scoring_a_run_shows_its_progress_on_a_terminal(eights, tmp_path, monkeypatch):
+    """Scoring a split with importance sampling takes a while: on a terminal it draws its bar."""
+    run = shutil.copytree(eights, tmp_path / "run")
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    anomaly.report(run, score="nll", k=5)
+    assert "evaluate k=5" in terminal.text
