@@ -94,7 +94,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def report(files: list[str]) -> int:
     """Print each module's score and its surviving mutants; 1 if a module is below 90% or not run."""
     equivalent = left_out()
-    seen = set()
     worst = 1.0
     print(
         f"{'module':28} {'mutants':>7} {'killed':>6} {'equiv':>5} {'survived':>8} {'untested':>8} {'score':>6}"
@@ -106,7 +105,6 @@ def report(files: list[str]) -> int:
         for name, code in codes.items():
             if name in equivalent:
                 count["equiv"] += 1
-                seen.add(name)
             elif code in KILLED:
                 count["killed"] += 1
             elif code is None:
@@ -125,7 +123,7 @@ def report(files: list[str]) -> int:
         )
         for name in survivors:
             print(f"    survived: {name}")
-    stale = sorted(set(equivalent) - seen - {n for c in results(core_files()).values() for n in c})
+    stale = sorted(set(equivalent) - {n for c in results(core_files()).values() for n in c})
     for name in stale:
         print(f"listed as equivalent but no longer a mutant: {name}")
     return 0 if worst >= 0.9 and not stale else 1
