@@ -200,7 +200,7 @@ def test_binarize_feeds_fresh_binary_batches_to_the_objective(digits, tmp_path):
 
         def record(module, inputs, output, into=seen[binarize]):
             if isinstance(module, MLPEncoder) and module.training:
-                into.append(inputs[0].detach().clone())
+                into.append(inputs[0].detach().cpu())
 
         hook = torch.nn.modules.module.register_module_forward_hook(record)
         try:

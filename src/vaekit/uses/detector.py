@@ -34,8 +34,9 @@ class AnomalyDetector(OutlierMixin, BaseEstimator):
     conventions are scikit-learn's: `score_samples` is higher for normal examples, `decision_function` is negative for
     anomalies, `predict` gives -1 for anomalies and 1 for normal examples, and a fraction `contamination` of the
     training data lies beyond the threshold. `threshold_` is that threshold on the anomaly score itself (higher = more
-    anomalous), and `offset_` = -threshold_. `save(path)` writes a run directory that `AnomalyDetector.load(path)` and
-    every `vaekit` command read.
+    anomalous), and `offset_` = -threshold_. `device` is where the VAE trains; scores are computed on the CPU in
+    float64, so that an example's score is the same in any batch and wherever the detector was fitted or loaded.
+    `save(path)` writes a run directory that `AnomalyDetector.load(path)` and every `vaekit` command read.
     """
 
     def __init__(
@@ -121,9 +122,10 @@ class AnomalyDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
-        # In float64, so that an example's score does not depend on the batch it comes in, as scikit-learn expects
-        # (float32 matrix products round differently for different batch sizes).
-        model = copy.deepcopy(self.model_).double()
+        # In float64 on the CPU, so that an example's score does not depend on the batch it comes in, as scikit-learn
+        # expects, nor on where the detector was fitted or loaded: float32 products, and GPU kernels (chosen by batch
+        # shape) even in float64, round differently for different batch sizes.
+        model = copy.deepcopy(self.model_).to("cpu", torch.float64)
         return scores(model, x.double(), self.method, k=self.k, seed=self.seed, latent=self.latent_)
 
     def score_samples(self, X: Any) -> np.ndarray:
