@@ -225,6 +225,9 @@ def test_detector_follows_scikit_learn_conventions_and_saves_as_a_run(tmp_path):
     detector = AnomalyDetector("elbo", contamination=0.1, k=10, epochs=30, latent=2, hidden=(16,)).fit(x)
     assert detector.n_features_in_ == 4 and detector.offset_ == -detector.threshold_
     assert (detector.predict(x) == -1).sum() == 30  # 10% of 300, as scikit-learn's outlier detectors do
+    # Halfway between the 270th and 271st scores: no training row is left on the threshold for rounding to decide.
+    ordered = np.sort(-detector.score_samples(x))
+    assert detector.threshold_ == (ordered[269] + ordered[270]) / 2 and ordered[269] < ordered[270]
     far = x[:20] + 25.0
     assert (detector.predict(far) == -1).all() and (detector.decision_function(far) < 0).all()
     np.testing.assert_allclose(detector.decision_function(x), detector.score_samples(x) - detector.offset_)

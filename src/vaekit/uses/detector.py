@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ..files import write_json, write_text
 from ..model import VAE
 from ..run import Run, open_run, save_model
 from ..tables import Scaler
-from .anomaly import FORMAT, LatentFit, fingerprint, fit_latent, read_calibration, scores, threshold_at
+from .anomaly import FORMAT, LatentFit, fingerprint, fit_latent, read_calibration, scores
 
 
 class AnomalyDetector(OutlierMixin, BaseEstimator):
@@ -116,7 +117,11 @@ class AnomalyDetector(OutlierMixin, BaseEstimator):
             self.config_ = run.config
             self.metrics_ = run.metrics
         self.latent_ = fit_latent(self.model_, x) if self.method == "latent" else None
-        self.threshold_ = threshold_at(self._scores(x), self.contamination)
+        # Halfway between the last score inside the contamination and the first beyond it: a threshold equal to a
+        # training score would leave that row's label to rounding, which differs between batch sizes and machines.
+        ordered = self._scores(x).sort().values
+        inside = len(ordered) - math.floor(self.contamination * len(ordered) + 1e-9) - 1
+        self.threshold_ = float(ordered[inside : inside + 2].mean())
         self.offset_ = -self.threshold_
         self.fingerprint_ = fingerprint(x)
         return self
