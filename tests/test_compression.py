@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 
 import vaekit
 from vaekit.config import ModelConfig
+from vaekit.likelihoods import Bernoulli
 from vaekit.model import VAE
 from vaekit.run import save_model
 from vaekit.uses import codec, compression
@@ -448,6 +449,7 @@ def test_progress_bars_show_on_a_terminal_only_when_asked(progress, monkeypatch)
     vaekit.log_likelihood(model, torch.from_numpy(levels).float(), k=10, progress=progress)
     assert ("compress" in terminal.text and "decompress" in terminal.text and "evaluate" in terminal.text) == progress
     assert (terminal.text == "") != progress
+    assert "\n" not in terminal.text  # each bar clears its line when done
 
 
 def test_negative_zeros_cannot_be_restored_and_are_refused(binary, tmp_path, capsys):
@@ -468,3 +470,39 @@ def test_a_two_layer_model_is_refused_by_the_codec_saying_why():
         vaekit.VaekitError, match="^bits-back coding supports one stochastic layer; this model has two$"
     ):
         codec.check_model(model)
+
+
+def test_a_coding_step_holds_as_many_examples_as_the_table_memory_allows(monkeypatch):
+    """Each step codes as many examples as fit in the memory for distribution-function values: the data tables of a
+    step hold at most TABLE_ELEMENTS values, and one example more would not fit."""
+    sizes = []
+    cdf = Bernoulli.cdf
+
+    def measured(self, logits, boundaries):
+        values = cdf(self, logits, boundaries)
+        sizes.append(values.numel())
+        return values
+
+    monkeypatch.setattr(Bernoulli, "cdf", measured)
+    monkeypatch.setattr(codec, "TABLE_ELEMENTS", 1000)
+    model, levels, coded = _coded_digits(12)
+    per_example = sizes[0] // coded.batches[0]
+    assert len(coded.batches) > 1 and sum(coded.batches) == 12
+    assert max(sizes) <= 1000 < max(sizes) + per_example
+
+
+def test_no_examples_code_to_an_empty_message():
+    """Coding no examples stores no words and decodes to no examples of the model's shape."""
+    model, levels, _ = _coded_digits(1)
+    coded, _ = codec.encode(model, levels[:0])
+    assert coded.count == 0 and len(coded.words) == 0 and coded.batches == []
+    assert codec.decode(model, coded)[0].shape == (0, 1, 8, 8)
+
+
+def test_a_name_the_file_system_refuses_is_one_error_naming_why(tmp_path):
+    """Writing images under a name longer than the file system allows names the folder and the system's reason, and
+    leaves neither the folder nor its temporary twin behind."""
+    with pytest.raises(vaekit.VaekitError) as refused:
+        compression._write_folder(tmp_path / "out", np.zeros((1, 1, 8, 8), np.uint8), ["a" * 300 + ".png"])
+    assert str(refused.value) == f"cannot write {tmp_path / 'out'}: File name too long"
+    assert list(tmp_path.iterdir()) == []

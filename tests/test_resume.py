@@ -640,6 +640,28 @@ def _malformed(field: str, value: object) -> Callable[[Path, Path, Path], list[s
     return build
 
 
+def _mid_epoch(
+    order: torch.Tensor | None, total: torch.Tensor | None
+) -> Callable[[Path, Path, Path], list[str | Path]]:
+    """The newest checkpoint made to record a position five steps into an epoch, with this data order and running
+    loss (None: left out)."""
+
+    def build(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+        newest = run / "checkpoints" / "step-0000000046.safetensors"
+        with safe_open(str(newest), framework="pt") as f:
+            meta, tensors = json.loads(f.metadata()["vaekit"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta["progress"]["step"] = 5
+        for name, value in (("progress.order", order), ("progress.total", total)):
+            if value is None:
+                tensors.pop(name, None)
+            else:
+                tensors[name] = value
+        newest.write_bytes(save(tensors, metadata={"vaekit": json.dumps(meta)}))
+        return ["train", "--resume", run, "--epochs", "3"]
+
+    return build
+
+
 def _fresh_run_into(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
     for name in ("model.json", "model.safetensors", "metrics.jsonl"):
         (run / name).unlink()  # what a run stopped during its first epoch holds: config.toml and checkpoints
@@ -649,10 +671,25 @@ def _fresh_run_into(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
 RESUME_ERRORS = {
     "no-checkpoints-folder": (_no_checkpoints, "no checkpoints folder"),
     "edited-config": (_edited_config, "other settings or data: settings.train.lr"),
-    "progress-epoch-text": (_malformed("epoch", "2"), "does not hold a training state"),
-    "progress-metrics-text": (_malformed("metrics", "oops"), "does not hold a training state"),
-    "progress-step-past-epoch": (_malformed("step", 10**6), "does not hold a training state"),
-    "progress-incomplete": (_malformed("bad", None), "does not hold a training state"),
+    "progress-epoch-text": (
+        _malformed("epoch", "2"),
+        "does not hold a training state of this run (progress.epoch is '2')",
+    ),
+    "progress-metrics-text": (_malformed("metrics", "oops"), "state of this run (progress.metrics is 'oops')"),
+    "progress-step-past-epoch": (
+        _malformed("step", 10**6),
+        "state of this run (the epoch, step and metrics do not agree)",
+    ),
+    "progress-bad-none": (_malformed("bad", None), "state of this run (progress.bad is None)"),
+    "progress-incomplete": (_malformed("unknown", 1), "state of this run (the progress record is incomplete)"),
+    "progress-order-repeats": (
+        _mid_epoch(torch.zeros(1438, dtype=torch.int64), torch.tensor(0.0)),
+        "state of this run (the data order is not a permutation of the 1438 training examples)",
+    ),
+    "progress-running-loss-missing": (
+        _mid_epoch(torch.randperm(1438), None),
+        "state of this run (the epoch's running loss is missing)",
+    ),
     "train-out-onto-a-stopped-run": (_fresh_run_into, "already holds a run"),
     "finished-run": (lambda run, tmp, c: ["train", "--resume", run], "finished its 2 epochs"),
     "fewer-epochs": (lambda run, tmp, c: ["train", "--resume", run, "--epochs", "1"], "already trained 2 epochs"),

@@ -265,3 +265,20 @@ def test_the_step_says_how_it_runs_only_when_that_is_news(digits):
         step(x, 1.0)
         step(x, 1.0)
         assert len(said) == len(expected) and all(e in line for e, line in zip(expected, said, strict=True)), said
+
+
+def test_the_step_is_told_the_runs_total_steps_also_when_resumed(digits, tmp_path, monkeypatch):
+    """train.compile = auto decides by the steps of the whole run, its epochs times the steps of one: a run resumed
+    for three epochs is told what an uninterrupted three-epoch run is, so that it takes the same path."""
+    told = []
+
+    class Told(Step):
+        def __init__(self, cfg, model, optimizer, steps, say=print):
+            told.append(steps)
+            super().__init__(cfg, model, optimizer, steps, say)
+
+    monkeypatch.setattr("vaekit.training.Step", Told)
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, dataset=digits, verbose=False)
+    vaekit.resume(run.dir, epochs=3, dataset=digits, verbose=False)
+    steps = math.ceil(len(digits.split("train").x) / 64)
+    assert told == [steps, 3 * steps]

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .errors import VaekitError
+from .errors import VaekitError, first_line
 from .files import write_bytes, written_here
 from .run import ARTIFACTS
 
@@ -263,6 +263,5 @@ def load_checkpoint(
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         _set_rng_states(device, shuffle, tensors, meta["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise VaekitError(f"{path} does not hold a training state of this run ({first})") from None
+        raise VaekitError(f"{path} does not hold a training state of this run ({first_line(e)})") from None
     return progress

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import stopping
-from .errors import VaekitError
+from .errors import VaekitError, first_line
 
 
 def _umask() -> int:
@@ -184,7 +184,7 @@ def read_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
     except FileNotFoundError:
         raise VaekitError(f"file not found: {path}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise VaekitError(f"cannot read {path} as a NumPy array file: {str(e).splitlines()[0]}") from None
+        raise VaekitError(f"cannot read {path} as a NumPy array file: {first_line(e)}") from None
 
 
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:

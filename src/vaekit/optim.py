@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .errors import VaekitError
+from .errors import VaekitError, first_line
 from .model import VAE
 
 
@@ -109,5 +109,5 @@ def make_optimizer(cfg: TrainConfig, model: VAE, device: torch.device):
         what, given = cfg.optimizer, f"train.optimizer_args = {cfg.optimizer_args}"
         if cfg.scheduler:
             what, given = f"{what} and {cfg.scheduler}", f"{given} and train.scheduler_args = {cfg.scheduler_args}"
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch lists signatures
-        raise VaekitError(f"cannot build {what} from {given}: {detail}") from None
+        # The first line only: torch lists the signatures after it.
+        raise VaekitError(f"cannot build {what} from {given}: {first_line(e)}") from None

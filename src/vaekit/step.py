@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .errors import first_line
 from .model import VAE, objective
 
 # A run with fewer steps than this trains eagerly under train.compile = "auto": compiling the step takes from seconds
@@ -107,8 +108,7 @@ class Step:
             if not self.compiled:
                 raise
             # It fails before the optimizer's step (a new batch shape recompiles too): the step is redone eagerly.
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.objective, self.reason = self.eager, f"torch.compile failed: {detail}"
+            self.objective, self.reason = self.eager, f"torch.compile failed: {first_line(e)}"
             self.tried = False
             result = self._update(x, beta)
         if not self.tried:
