@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Terminal
+from conftest import DEVICES, Terminal
 from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
@@ -547,3 +547,48 @@ def test_the_argument_limits_are_where_they_say():
         vaekit.log_likelihood(model, x, k=3, seed=2**63)
     with pytest.raises(vaekit.VaekitError, match="max_elements must be at least 1, got 0"):
         vaekit.log_likelihood(model, x, k=3, max_elements=0)
+
+
+def test_evaluate_draws_5000_by_default_saves_in_the_run_and_takes_a_limit_of_one(pristine_run, tmp_path):
+    """evaluate's defaults are 5000 draws per example, saved in the run (summary and values); the smallest limit, one
+    example, is allowed."""
+    run = copy_run(pristine_run, tmp_path)
+    result, summary = vaekit.evaluate(run, limit=1, progress=False)
+    saved = vaekit.open_run(run).evaluation_path("test", 1)
+    assert result.k == summary["k"] == 5000 and len(result.log_px) == 1 and summary["first"] == 1
+    assert json.loads(saved.read_text())["k"] == 5000 and saved.with_suffix(".npz").is_file()
+
+
+@pytest.mark.parametrize("blocked", ["split", "split values", "first", "first values"])
+def test_evaluate_refuses_a_file_it_did_not_write_at_any_place_a_limit_may_save_before_any_work(
+    pristine_run, tmp_path, monkeypatch, blocked
+):
+    """A limit saves under the split's own name when it covers the split and under a first-N name otherwise, each a
+    summary and its values: a file vaekit did not write at any of the four stops evaluate before it estimates
+    anything, naming the file, which stays as it was."""
+    run = copy_run(pristine_run, tmp_path)
+    opened = vaekit.open_run(run)
+    path = opened.evaluation_path("test", None if blocked.startswith("split") else 2)
+    path = path.with_suffix(".npz") if blocked.endswith("values") else path
+    path.write_text("mine")
+
+    def too_soon(*args, **kwargs):
+        raise AssertionError("evaluate estimated before checking where it saves")
+
+    monkeypatch.setattr("vaekit.uses.evaluation.estimate", too_soon)
+    with pytest.raises(vaekit.VaekitError) as refused:
+        vaekit.evaluate(run, k=5, limit=2, progress=False)
+    assert (
+        str(refused.value) == f"{path} is not a file vaekit wrote in this run, so it is left alone: move it away first"
+    )
+    assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_computes_on_the_device_it_is_given(pristine_run, device):
+    """evaluate runs the estimator on the device it is given: its numbers are the estimator's there (a GPU draws
+    other noise than a CPU from the same seed)."""
+    opened = vaekit.open_run(pristine_run)
+    result, _ = vaekit.evaluate(pristine_run, k=50, limit=20, device=device, save=False, progress=False)
+    there = estimate(opened.model_on(torch.device(device)), opened.examples("test").x[:20], 50, 0, None, False)
+    assert torch.equal(result.log_px, there.log_px) and torch.equal(result.elbo, there.elbo)
