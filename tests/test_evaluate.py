@@ -592,3 +592,17 @@ def test_evaluate_computes_on_the_device_it_is_given(pristine_run, device):
     result, _ = vaekit.evaluate(pristine_run, k=50, limit=20, device=device, save=False, progress=False)
     there = estimate(opened.model_on(torch.device(device)), opened.examples("test").x[:20], 50, 0, None, False)
     assert torch.equal(result.log_px, there.log_px) and torch.equal(result.elbo, there.elbo)
+
+
+def test_evaluate_says_why_the_nll_is_not_a_code_length(pristine_run, digits, tmp_path):
+    """Where bits/dim is left out the summary says why: a Gaussian likelihood is a density, and a Bernoulli one on
+    grey data is no probability of them."""
+    _, grey = vaekit.evaluate(pristine_run, k=5, limit=3, save=False, progress=False)
+    assert grey["bits_per_dim"] is None and grey["note"] == (
+        "the data do not all lie on the binary values 0 and 1, so the bernoulli 'likelihood' is not a probability of "
+        "them: the NLL is not comparable with published log-likelihoods, and bits/dim is omitted"
+    )
+    gaussian = vaekit.train("digits", tmp_path / "run", epochs=1, likelihood="gaussian", dataset=digits, verbose=False)
+    _, density = vaekit.evaluate(gaussian.dir, k=5, limit=3, save=False, progress=False)
+    assert density["bits_per_dim"] is None
+    assert density["note"] == "the likelihood is a density, so the NLL is not a code length and bits/dim is omitted"
