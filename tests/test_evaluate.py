@@ -477,25 +477,44 @@ def test_active_units_count_the_dimensions_whose_mean_varies_more_than_a_hundred
 
 
 @pytest.mark.parametrize(
-    ("k", "max_elements", "n", "calls", "largest"),
+    ("k", "max_elements", "n", "calls", "largest", "encodings"),
     [
-        (50, 6400, 5, 3, 6400),  # all 50 draws of 2 examples per block of 50 x 2 x 64: blocks of 2, 2 and 1
-        (500, 6400, 2, 10, 6400),  # 100 draws of one example per block, five blocks per example
-        (7, 1000, 3, 2, 7 * 2 * 64),  # 7 draws of 2 examples fill 896 of 1000: blocks of 2 and 1
-        (3, 10, 2, 6, 64),  # a cap below one draw: one draw of one example at a time
-        (2**15, None, 1, 2, 2**20),  # a CPU's default cap: 2**20 numbers, two blocks of 16,384 draws
+        (50, 6400, 5, 3, 6400, 3),  # all 50 draws of 2 examples per block of 50 x 2 x 64: blocks of 2, 2 and 1
+        (500, 6400, 2, 10, 6400, 2),  # 100 draws of one example per decoder call, five calls per example
+        (7, 1000, 3, 2, 7 * 2 * 64, 2),  # 7 draws of 2 examples fill 896 of 1000: blocks of 2 and 1
+        (3, 10, 2, 6, 64, 2),  # a cap below one draw: one draw of one example at a time
+        (2**15, None, 1, 2, 2**20, 1),  # a CPU's default cap: 2**20 numbers, two calls of 16,384 draws
     ],
 )
-def test_no_decoder_output_holds_more_than_max_elements_and_blocks_fill_it(k, max_elements, n, calls, largest):
+def test_no_decoder_output_holds_more_than_max_elements_and_blocks_fill_it(
+    k, max_elements, n, calls, largest, encodings
+):
     """The estimator's memory cap: every decoder output holds at most max_elements numbers (2**20 by default on a
-    CPU), with as many draws, then as many examples, in each as fit."""
+    CPU), with as many draws, then as many examples, in each as fit; each block of examples is encoded once, however
+    many decoder calls its draws take."""
     torch.manual_seed(0)
     model = VAE((64,), ModelConfig(hidden=[8], latent=2))
-    sizes = []
+    sizes, encoded = [], []
     model.decoder.register_forward_hook(lambda module, args, out: sizes.append(out.numel()))
+    model.encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
     x = torch.bernoulli(torch.full((n, 64), 0.5))
     vaekit.log_likelihood(model, x, k=k, max_elements=max_elements)
     assert len(sizes) == calls and max(sizes) == largest
+    assert len(encoded) == encodings and sum(encoded) == n
+
+
+def test_a_float32_models_draws_are_summed_in_float64():
+    """Thousands of float32 log-weights are summed in float64: the estimates are the float64 log-mean-exp and mean
+    of the very draws the estimator makes."""
+    torch.manual_seed(0)
+    model = VAE((64,), ModelConfig(hidden=[8], latent=2))
+    x = torch.bernoulli(torch.full((2, 64), 0.5))
+    result = estimate(model, x, 4096, 3, 2**20, False)  # both examples' 4096 draws in one decoder call
+    with torch.no_grad():  # as the estimator draws: the likelihood's no-grad path rounds differently
+        draws = log_weights(model, x, 4096, generator=torch.Generator().manual_seed(3), posterior=model.encode(x))
+    assert draws.dtype == torch.float32 and result.log_px.dtype == result.elbo.dtype == torch.float64
+    torch.testing.assert_close(result.log_px, torch.logsumexp(draws.double(), 0) - math.log(4096), rtol=1e-13, atol=0)
+    torch.testing.assert_close(result.elbo, draws.double().mean(0), rtol=1e-13, atol=0)
 
 
 def test_the_evaluation_table_says_every_number_with_its_unit():
