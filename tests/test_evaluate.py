@@ -481,6 +481,7 @@ def test_active_units_count_the_dimensions_whose_mean_varies_more_than_a_hundred
     [
         (50, 6400, 5, 3, 6400, 3),  # all 50 draws of 2 examples per block of 50 x 2 x 64: blocks of 2, 2 and 1
         (500, 6400, 2, 10, 6400, 2),  # 100 draws of one example per decoder call, five calls per example
+        (250, 6400, 1, 3, 6400, 1),  # 100, 100, then the 50 draws left
         (7, 1000, 3, 2, 7 * 2 * 64, 2),  # 7 draws of 2 examples fill 896 of 1000: blocks of 2 and 1
         (3, 10, 2, 6, 64, 2),  # a cap below one draw: one draw of one example at a time
         (2**15, None, 1, 2, 2**20, 1),  # a CPU's default cap: 2**20 numbers, two calls of 16,384 draws
@@ -499,7 +500,7 @@ def test_no_decoder_output_holds_more_than_max_elements_and_blocks_fill_it(
     model.encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
     x = torch.bernoulli(torch.full((n, 64), 0.5))
     vaekit.log_likelihood(model, x, k=k, max_elements=max_elements)
-    assert len(sizes) == calls and max(sizes) == largest
+    assert len(sizes) == calls and max(sizes) == largest and sum(sizes) == k * n * 64  # k draws of each example
     assert len(encoded) == encodings and sum(encoded) == n
 
 
@@ -558,9 +559,13 @@ def test_sums_over_draws_are_float64_except_on_apple_gpus():
 
 
 def test_the_argument_limits_are_where_they_say():
-    """The largest seed is 2**63 - 1 and the smallest memory cap one number: both work, one past them is refused."""
+    """The largest seed is 2**63 - 1, the smallest memory cap one number and the most draws ten million: each works,
+    one past it is refused."""
     model = VAE((4,), ModelConfig(hidden=[4], latent=1))
     x = torch.bernoulli(torch.full((3, 4), 0.5))
+    assert vaekit.log_likelihood(model, x[:0], k=10**7).shape == (0,)  # no examples: the limit alone is checked
+    with pytest.raises(vaekit.VaekitError, match="^k must be an integer from 1 to 10,000,000, got 10000001$"):
+        vaekit.log_likelihood(model, x[:0], k=10**7 + 1)
     assert torch.isfinite(vaekit.log_likelihood(model, x, k=3, seed=2**63 - 1, max_elements=1)).all()
     with pytest.raises(vaekit.VaekitError, match=f"from 0 to 2\\*\\*63 - 1, got {2**63}"):
         vaekit.log_likelihood(model, x, k=3, seed=2**63)
