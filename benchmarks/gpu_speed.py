@@ -7,7 +7,7 @@ first epoch, which compiles, reported apart), the test loss of each, and for iwa
 data, which is what Burda et al.'s 3,280-pass schedule multiplies. The reference is the seed's step written bare
 (fused capturable Adam, BCE with logits, the data order drawn on the device) captured once with torch.cuda.graph and
 replayed: the speed a step without launch overhead reaches. A configuration whose step is not compiled on the device
-(`vaekit.step.compile_reason`: iwae-1l's tanh networks on CUDA) runs eagerly only, and the script says why.
+(`vaekit.step.compile_reason`, MPS for one) runs eagerly only, and the script says why.
 
     python benchmarks/gpu_speed.py --data-dir ../shared/data [--epochs 5] [--rounds 2] [--device cuda]
 """

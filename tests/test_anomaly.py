@@ -308,6 +308,17 @@ def test_cli_anomaly_help_lists_the_commands():
         assert out.returncode == 0 and all(c in out.stdout for c in commands), out.stdout
 
 
+def test_thresholds_lie_halfway_off_every_normal_score():
+    """A threshold lets through at most the fraction fpr of the normal scores above it and sits halfway to the next
+    score, so that rounding never decides a normal example's side; when none may lie above, it is half the top gap
+    above the highest."""
+    scores = torch.tensor([8.0, 1.0, 4.0, 2.0])
+    assert anomaly.threshold_at(scores, 0.25) == 6.0  # 8 above; halfway between 4 and 8
+    assert anomaly.threshold_at(scores, 0.5) == 3.0  # 4 and 8 above
+    assert anomaly.threshold_at(scores, 0.1) == 10.0  # none above: 8 plus half of 8 - 4
+    assert anomaly.threshold_at(torch.tensor([3.0]), 0.1) == 3.0  # one score: no gap to go by
+
+
 def test_the_latent_fit_survives_json_exactly():
     """The aggregate posterior's Gaussian, written to a calibration's JSON and read back, is the same float64 mean
     and precision, so that a loaded detector's latent scores are the fitted one's."""

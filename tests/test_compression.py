@@ -1,10 +1,12 @@
 """Lossless compression: round trips on digits, random arrays, image folders, splits and MNIST; rates against the
 model's -ELBO; the file format's checks; models that cannot code."""
 
+import errno
 import gzip
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -502,7 +504,10 @@ def test_no_examples_code_to_an_empty_message():
 def test_a_name_the_file_system_refuses_is_one_error_naming_why(tmp_path):
     """Writing images under a name longer than the file system allows names the folder and the system's reason, and
     leaves neither the folder nor its temporary twin behind."""
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else -1
+    if longest <= 0:
+        pytest.skip("this file system states no longest file name")
     with pytest.raises(vaekit.VaekitError) as refused:
-        compression._write_folder(tmp_path / "out", np.zeros((1, 1, 8, 8), np.uint8), ["a" * 300 + ".png"])
-    assert str(refused.value) == f"cannot write {tmp_path / 'out'}: File name too long"
+        compression._write_folder(tmp_path / "out", np.zeros((1, 1, 8, 8), np.uint8), ["a" * longest + ".png"])
+    assert str(refused.value) == f"cannot write {tmp_path / 'out'}: {os.strerror(errno.ENAMETOOLONG)}"
     assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,9 @@ class _TanhFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = torch.sigmoid(2 * x).mul_(2).sub_(1)
+        # No in-place op here: torch.compile 2.11 sends the gradient of a Function whose forward mutates its output to
+        # the wrong place (pytorch/pytorch#180642), and training goes wrong without an error.
+        y = torch.sigmoid(2 * x) * 2 - 1
         ctx.save_for_backward(y)
         return y
 

@@ -118,12 +118,22 @@ def error_map(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tens
 
 
 def threshold_at(normal: torch.Tensor, fpr: float) -> float:
-    """The lowest threshold above which at most a fraction fpr of the normal scores lie."""
+    """A threshold above which at most a fraction fpr of the normal scores lie, halfway between the highest score
+    below it and the lowest above it (or, when none may lie above, as far above the highest as half the gap below)."""
     if not 0 < fpr < 1:
         raise VaekitError(f"the false-alarm rate must lie between 0 and 1, got {fpr}")
     ordered = normal.double().sort().values
     allowed = math.floor(fpr * len(ordered) + 1e-9)  # normal examples that may score above the threshold
-    return float(ordered[len(ordered) - allowed - 1])
+    kept = ordered[len(ordered) - allowed - 1]
+    # Off every normal score: one on the threshold would have its side decided by rounding, which differs between
+    # batch sizes, devices and machines.
+    if allowed:
+        beyond = ordered[len(ordered) - allowed]
+    elif len(ordered) > 1:
+        beyond = 2 * kept - ordered[-2]
+    else:
+        beyond = kept
+    return float((kept + beyond) / 2)
 
 
 def metrics(score: torch.Tensor, anomalous: torch.Tensor, threshold: float | None = None) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..files import write_json, write_text
 from ..model import VAE
 from ..run import Run, open_run, save_model
 from ..tables import Scaler
-from .anomaly import FORMAT, LatentFit, fingerprint, fit_latent, read_calibration, scores
+from .anomaly import FORMAT, LatentFit, fingerprint, fit_latent, read_calibration, scores, threshold_at
 
 
 class AnomalyDetector(OutlierMixin, BaseEstimator):
@@ -36,7 +35,7 @@ class AnomalyDetector(OutlierMixin, BaseEstimator):
     anomalies, `predict` gives -1 for anomalies and 1 for normal examples, and a fraction `contamination` of the
     training data lies beyond the threshold. `threshold_` is that threshold on the anomaly score itself (higher = more
     anomalous), and `offset_` = -threshold_. `device` is where the VAE trains; scores are computed on the CPU in
-    float64, so that an example's score is the same in any batch and wherever the detector was fitted or loaded.
+    float64, so that a fitted model gives an example the same score in any batch and wherever it is loaded.
     `save(path)` writes a run directory that `AnomalyDetector.load(path)` and every `vaekit` command read.
     """
 
@@ -117,11 +116,7 @@ class AnomalyDetector(OutlierMixin, BaseEstimator):
             self.config_ = run.config
             self.metrics_ = run.metrics
         self.latent_ = fit_latent(self.model_, x) if self.method == "latent" else None
-        # Halfway between the last score inside the contamination and the first beyond it: a threshold equal to a
-        # training score would leave that row's label to rounding, which differs between batch sizes and machines.
-        ordered = self._scores(x).sort().values
-        inside = len(ordered) - math.floor(self.contamination * len(ordered) + 1e-9) - 1
-        self.threshold_ = float(ordered[inside : inside + 2].mean())
+        self.threshold_ = threshold_at(self._scores(x), self.contamination)
         self.offset_ = -self.threshold_
         self.fingerprint_ = fingerprint(x)
         return self
