@@ -103,3 +103,13 @@ def test_every_custom_autograd_function_has_the_gradient_of_its_forward():
     logits = (torch.randn(4, 7, generator=g, dtype=torch.float64) * 4).requires_grad_()
     data = torch.rand(4, 7, generator=g, dtype=torch.float64).requires_grad_()  # grey levels: x is differentiable too
     assert torch.autograd.gradcheck(_BernoulliLogProb.apply, (logits, data))
+
+
+def test_the_conv_decoder_mirrors_the_encoders_dense_layers():
+    """A conv net with dense layers [32, 16] encodes through 32 then 16 units and decodes through 16 then 32."""
+    model = VAE((1, 8, 8), ModelConfig(net="conv", channels=[4], hidden=[32, 16], latent=2))
+
+    def widths(net: torch.nn.Module) -> list[int]:
+        return [layer.out_features for layer in net.modules() if isinstance(layer, torch.nn.Linear)]
+
+    assert widths(model.encoder)[:2] == [32, 16] and widths(model.decoder)[:2] == [16, 32]
