@@ -1,6 +1,7 @@
 """Anomaly detection on real, small data: one-class digits, scikit-learn's breast-cancer table through the CSV path,
 calibrated false-alarm rates, the scikit-learn-style detector, the score file, bad inputs, and the benchmark."""
 
+import copy
 import csv
 import json
 import math
@@ -356,3 +357,23 @@ def test_scoring_a_run_shows_its_progress_on_a_terminal(eights, tmp_path, monkey
     monkeypatch.setattr("sys.stderr", terminal)
     anomaly.report(run, score="nll", k=5)
     assert "evaluate k=5" in terminal.text
+
+
+def test_detector_images_outside_the_unit_interval_are_refused_on_either_side():
+    """Images must have values in [0, 1] (or be uint8): values above 1 are refused as well as values below 0."""
+    for low, high in ((0.0, 2.0), (-1.0, 0.5)):
+        images = np.linspace(low, high, 5 * 8 * 8).reshape(5, 8, 8)
+        with pytest.raises(ValueError, match=r"^images must have values in \[0, 1\] \(or be uint8\)$"):
+            AnomalyDetector("recon", epochs=1, latent=2, hidden=(8,)).fit(images)
+
+
+def test_detector_scores_with_its_seed_and_trains_aloud_when_verbose(capsys):
+    """The elbo score draws from the detector's seed (not always 0), and verbose=True prints the training."""
+    x = _table(60)
+    detector = AnomalyDetector("elbo", 0.1, k=5, epochs=2, latent=2, hidden=(8,), seed=7, verbose=True).fit(x)
+    assert "epoch   2" in capsys.readouterr().out
+    model = copy.deepcopy(detector.model_).to("cpu", torch.float64)
+    rows = detector._examples(x, reset=False).double()
+    for seed, same in ((7, True), (0, False)):
+        expected = -anomaly.scores(model, rows, "elbo", k=5, seed=seed).numpy()
+        assert np.array_equal(detector.score_samples(x), expected) == same

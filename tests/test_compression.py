@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -371,6 +372,10 @@ def test_crafted_headers_are_one_line_errors_with_no_output(binary, grey, tmp_pa
         "name outside": (grey, _edit(data={"names": ["../../escaped.png", "a.png", "/tmp/absolute.png"]}), "outside"),
         "names colliding": (grey, _edit(data={"names": ["a.jpg", "a.jpg.png", "b.png"]}), "both be written"),
         "too few names": (grey, _edit(data={"names": ["a.png"]}), "names 1 files"),
+        "unprintable name": (grey, _edit(data={"names": ["a\a.png", "b.png", "c.png"]}),
+                             ": the file name 'a\\x07.png' cannot be written back\n"),
+        "no coding steps": (binary, _edit(codec={"batches": []}), ": the header has no coding steps\n"),
+        "other levels": (binary, _edit(codec={"levels": 3}), ": the codec settings do not fit this model\n"),
     }  # fmt: skip
     for name, ((_, model_run), change, says) in cases.items():
         source = tmp_path / ("folder.vkz" if model_run == grey[1] else "good.vkz")
@@ -446,8 +451,13 @@ def test_progress_bars_show_on_a_terminal_only_when_asked(progress, monkeypatch)
     model, levels, coded = _coded_digits(5)
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
+    codec.encode(model, levels)  # by default, no bar
+    codec.decode(model, coded)
+    assert terminal.text == ""
     codec.encode(model, levels, progress=progress)
     codec.decode(model, coded, progress=progress)
+    for name in ("compress", "decompress"):  # each bar names its work and counts towards the number of images
+        assert bool(re.search(f"(^|\r){name}: .*\\| 0/5 ", terminal.text)) == progress
     vaekit.log_likelihood(model, torch.from_numpy(levels).float(), k=10, progress=progress)
     assert ("compress" in terminal.text and "decompress" in terminal.text and "evaluate" in terminal.text) == progress
     assert (terminal.text == "") != progress
@@ -511,3 +521,10 @@ def test_a_name_the_file_system_refuses_is_one_error_naming_why(tmp_path):
         compression._write_folder(tmp_path / "out", np.zeros((1, 1, 8, 8), np.uint8), ["a" * longest + ".png"])
     assert str(refused.value) == f"cannot write {tmp_path / 'out'}: {os.strerror(errno.ENAMETOOLONG)}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_stack_starts_on_the_words_of_a_fixed_hash():
+    """The seed words are part of the file format: the SHAKE-256 of b"vaekit bits-back seed", little-endian, with
+    zeros made ones, so that every version and machine decodes what another wrote."""
+    digest = np.frombuffer(hashlib.shake_256(b"vaekit bits-back seed").digest(4 * 1000), dtype="<u4")
+    assert np.array_equal(codec.seed_words(1000), np.maximum(digest, 1)) and codec.seed_words(1000).dtype == np.uint32

@@ -562,3 +562,20 @@ def test_splits_of_different_shapes_are_refused_naming_the_odd_one(tmp_path):
     np.savez(tmp_path / "two.npz", x_train=np.zeros((4, 6), np.float32), x_test=np.zeros((2, 6), np.float32))
     with pytest.raises(VaekitError, match=f"data set '{tmp_path / 'two.npz'}' has no split 'valid'"):
         vaekit.data.load_examples(DataConfig(name=str(tmp_path / "two.npz")), split="valid")
+
+
+def test_a_split_taken_by_slice_or_by_positions_keeps_each_examples_name():
+    """take gives the examples at a slice or at a tensor of positions, each with its label and file name."""
+    split = vaekit.data.Split(torch.arange(4.0).view(4, 1), torch.tensor([0, 1, 0, 1]), ["a", "b", "c", "d"])
+    sliced, picked = split.take(slice(1, 3)), split.take(torch.tensor([3, 0]))
+    assert sliced.names == ["b", "c"] and sliced.x.flatten().tolist() == [1.0, 2.0] and sliced.y.tolist() == [1, 0]
+    assert picked.names == ["d", "a"] and picked.x.flatten().tolist() == [3.0, 0.0]
+
+
+def test_downloads_go_where_vaekit_data_says_or_into_the_users_cache(tmp_path, monkeypatch):
+    """VAEKIT_DATA names the folder for downloaded data sets; without it they go to $XDG_CACHE_HOME/vaekit."""
+    monkeypatch.setenv("VAEKIT_DATA", str(tmp_path / "data"))
+    assert vaekit.data.default_root() == tmp_path / "data"
+    monkeypatch.delenv("VAEKIT_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert vaekit.data.default_root() == tmp_path / "cache" / "vaekit"

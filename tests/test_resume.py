@@ -640,6 +640,20 @@ def _malformed(field: str, value: object) -> Callable[[Path, Path, Path], list[s
     return build
 
 
+def _written_on(device: str) -> Callable[[Path, Path, Path], list[str | Path]]:
+    """The newest checkpoint made to say it was written on another device."""
+
+    def build(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
+        newest = run / "checkpoints" / "step-0000000046.safetensors"
+        with safe_open(str(newest), framework="pt") as f:
+            meta, tensors = json.loads(f.metadata()["vaekit"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta["device"] = device
+        newest.write_bytes(save(tensors, metadata={"vaekit": json.dumps(meta)}))
+        return ["train", "--resume", run, "--epochs", "3"]
+
+    return build
+
+
 def _mid_epoch(
     order: torch.Tensor | None, total: torch.Tensor | None
 ) -> Callable[[Path, Path, Path], list[str | Path]]:
@@ -668,6 +682,7 @@ def _fresh_run_into(run: Path, tmp: Path, checkpoint: Path) -> list[str | Path]:
     return ["train", "--epochs", "1", "--no-plots", "--out", run]
 
 
+HERE = "cuda" if torch.cuda.is_available() else "cpu"  # where device auto trains the runs above
 RESUME_ERRORS = {
     "no-checkpoints-folder": (_no_checkpoints, "no checkpoints folder"),
     "edited-config": (_edited_config, "other settings or data: settings.train.lr"),
@@ -685,6 +700,11 @@ RESUME_ERRORS = {
     "progress-order-repeats": (
         _mid_epoch(torch.zeros(1438, dtype=torch.int64), torch.tensor(0.0)),
         "state of this run (the data order is not a permutation of the 1438 training examples)",
+    ),
+    "written-on-another-device": (
+        _written_on("mps"),
+        f"step-0000000046.safetensors was written on a mps device and this run now trains on {HERE}: its random "
+        "states only fit the device they came from, so resume it where it ran",
     ),
     "progress-running-loss-missing": (
         _mid_epoch(torch.randperm(1438), None),

@@ -234,3 +234,12 @@ def test_a_long_run_reports_about_fifteen_epochs_the_first_and_the_last(digits, 
         vaekit.train("digits", out=tmp_path / f"run{epochs}", dataset=small, epochs=epochs, batch_size=64, hidden=[8])
         printed = [int(m) for m in re.findall(r"^epoch +(\d+) ", capsys.readouterr().out, re.M)]
         assert printed == expected
+
+
+def test_a_run_first_says_where_it_is_and_what_it_resumes_from(digits, tmp_path, capsys):
+    """The first line a run prints is its directory; a resumed run adds the checkpoint it starts from."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, dataset=digits)
+    assert capsys.readouterr().out.splitlines()[0] == f"run directory: {run.dir}"
+    vaekit.resume(run.dir, epochs=2, dataset=digits)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"run directory: {run.dir} (resuming from step-0000000023.safetensors)"
