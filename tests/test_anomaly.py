@@ -377,3 +377,15 @@ def test_detector_scores_with_its_seed_and_trains_aloud_when_verbose(capsys):
     for seed, same in ((7, True), (0, False)):
         expected = -anomaly.scores(model, rows, "elbo", k=5, seed=seed).numpy()
         assert np.array_equal(detector.score_samples(x), expected) == same
+
+
+def test_calibration_defaults_to_the_validation_split_and_scoring_uses_the_calibrated_score(tmp_path):
+    """Without --data a run with a validation split calibrates on it, and scoring afterwards computes the score the
+    calibration chose (recon here, not the default nll)."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=2, verbose=False, **{"data.validation": 100})
+    calibration = anomaly.calibrate(run.dir, score="recon", fpr=0.1, device="cpu")
+    assert calibration["normal_data"]["data"] == "the valid split of digits"
+    assert calibration["normal_data"]["examples"] == 100
+    values, _, _ = anomaly.score_run(run.dir, device="cpu")
+    opened = vaekit.open_run(run.dir)
+    assert torch.equal(values, anomaly.scores(opened.model, opened.examples("test").x, "recon"))

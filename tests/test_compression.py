@@ -96,6 +96,18 @@ def test_rate_follows_the_elbo_and_the_initial_bits_are_reported(binary, tmp_pat
     expected = r["neg_elbo_bits_per_dim"] + r["initial_bits"] / r["dims"]
     assert abs(r["payload_bits_per_dim"] - expected) < 0.01 * expected, r
     assert 0 < r["initial_bits"] <= 2 * 12 * 8 + 64
+    assert r["compress_per_second"] == r["examples"] / r["compress_seconds"]
+    assert r["decompress_per_second"] == r["examples"] / r["decompress_seconds"]
+    # The header says which model the file needs: its weights' digest, likelihood, latent size and example shape.
+    raw = (tmp_path / "d.vkz").read_bytes()
+    model = json.loads(raw[14 : 14 + int.from_bytes(raw[10:14], "little")])["model"]
+    opened = vaekit.open_run(run)
+    assert set(model) == {"sha256", "likelihood", "latent", "shape"} and re.fullmatch("[0-9a-f]{64}", model["sha256"])
+    assert (model["likelihood"], model["latent"], model["shape"]) == (
+        "bernoulli",
+        opened.config.model.latent,
+        [1, 8, 8],
+    )
     # The run records the rates it measured, and its report shows them.
     recorded = json.loads((run / "compression.json").read_text())
     assert recorded["bits_per_dim"] == r["bits_per_dim"] and recorded["input"] == str(data)
