@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 
 import pytest
 import torch
@@ -243,3 +244,32 @@ def test_a_run_first_says_where_it_is_and_what_it_resumes_from(digits, tmp_path,
     vaekit.resume(run.dir, epochs=2, dataset=digits)
     first = capsys.readouterr().out.splitlines()[0]
     assert first == f"run directory: {run.dir} (resuming from step-0000000023.safetensors)"
+
+
+def test_a_second_signal_stops_at_once_naming_the_run_to_resume(tmp_path):
+    """The first SIGINT or SIGTERM is noted for the loop to act on after its step; a second one stops at once, with
+    exit code 128 + the signal and the command that continues the run."""
+    from vaekit.checkpoint import Progress
+    from vaekit.training import Interrupted, _Signals
+
+    with _Signals(tmp_path, Progress()) as signals:
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(Interrupted) as stopped:
+            signal.raise_signal(signal.SIGTERM)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value) == (
+        f"SIGTERM: a second signal: stopped at once; continue with: vaekit train --resume {tmp_path}"
+    )
+
+
+def test_a_run_resumed_mid_epoch_shows_its_bar_from_the_step_it_resumes_at(digits, tmp_path, monkeypatch):
+    """On a terminal the epoch's bar of a run resumed at step 10 of 23 starts at 10/23, not at 0."""
+    from conftest import Terminal
+
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, dataset=digits, verbose=False,
+                       checkpoint_every=5, keep_checkpoints=10)  # fmt: skip
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    vaekit.resume(run.dir / "checkpoints" / "step-0000000010.safetensors", dataset=digits)
+    assert re.search(r"(^|\r)epoch 1/1: +43%\|[^|]*\| 10/23 ", terminal.text), terminal.text[:300]
