@@ -579,3 +579,31 @@ def test_downloads_go_where_vaekit_data_says_or_into_the_users_cache(tmp_path, m
     monkeypatch.delenv("VAEKIT_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert vaekit.data.default_root() == tmp_path / "cache" / "vaekit"
+
+
+def test_missing_files_are_downloaded_into_the_data_root_when_download_is_on(tmp_path, monkeypatch):
+    """With download on, missing MNIST files are fetched through torchvision and missing binarized MNIST files into
+    ROOT/binarized_mnist; the network is stood in for by a download that fails, as it does offline, and that failure
+    is the error's reason."""
+    import torchvision.datasets
+    import torchvision.datasets.utils
+
+    def offline(*args, **kwargs):
+        raise OSError("no network here")
+
+    fetched = []
+
+    def record(url, folder, name):
+        fetched.append((url, folder, name))
+        offline()
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", record)
+    with pytest.raises(VaekitError, match=r"MNIST files not found in .* and the download failed \(no network here\)"):
+        load_data(DataConfig("mnist", root=str(tmp_path), download=True))
+    with pytest.raises(VaekitError) as refused:
+        load_data(DataConfig("binarized-mnist", root=str(tmp_path), download=True))
+    folder = tmp_path / "binarized_mnist"
+    assert str(refused.value) == f"could not download binarized_mnist_train.amat into {folder}: no network here"
+    assert fetched == [(vaekit.data.BINARIZED_MNIST_URL + "binarized_mnist_train.amat", str(folder),
+                        "binarized_mnist_train.amat")]  # fmt: skip
