@@ -757,3 +757,12 @@ def test_a_checkpoint_holding_nan_is_refused_as_damaged(finished_run, tmp_path, 
     err = capsys.readouterr().err
     assert "damaged" in err and name in err, err
     assert snapshot(run) == before
+
+
+def test_a_temporary_checkpoint_left_by_a_kill_goes_at_the_next_checkpoint(digits, tmp_path):
+    """A process killed while writing a checkpoint leaves its temporary file: the next checkpoint removes it."""
+    run = vaekit.train("digits", tmp_path / "run", epochs=1, **quiet(dataset=digits))
+    stale = run.dir / "checkpoints" / ".step-0000000030.tmp.safetensors"
+    stale.write_bytes(b"half a checkpoint")
+    vaekit.resume(run.dir, epochs=2, dataset=digits, verbose=False)
+    assert not stale.exists() and (run.dir / "checkpoints" / "step-0000000046.safetensors").exists()

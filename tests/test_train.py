@@ -273,3 +273,12 @@ def test_a_run_resumed_mid_epoch_shows_its_bar_from_the_step_it_resumes_at(digit
     monkeypatch.setattr("sys.stderr", terminal)
     vaekit.resume(run.dir / "checkpoints" / "step-0000000010.safetensors", dataset=digits)
     assert re.search(r"(^|\r)epoch 1/1: +43%\|[^|]*\| 10/23 ", terminal.text), terminal.text[:300]
+
+
+def test_out_naming_a_file_is_refused_saying_so(digits, tmp_path):
+    """--out must name a directory: a file there is refused, and left as it was."""
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(vaekit.VaekitError) as refused:
+        vaekit.train("digits", tmp_path / "notes", epochs=1, dataset=digits, verbose=False)
+    assert str(refused.value) == f"--out {tmp_path / 'notes'} is a file, not a directory"
+    assert (tmp_path / "notes").read_text() == "mine"

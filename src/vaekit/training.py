@@ -42,7 +42,6 @@ def _run_dir(out: str | Path | None, cfg: Config) -> Path:
         raise VaekitError(f"--out {out} is a file, not a directory")
     if any((out / ARTIFACTS[name]).exists() for name in ("config", "description")) or any(listing(out)):
         raise VaekitError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
-    # An empty checkpoints folder alone is a run stopped while it was being set up.
     # Its record and an empty checkpoints folder alone are a run stopped while it was being set up.
     if out.is_dir() and any(
         p != out / ARTIFACTS["record"] and (p != out / ARTIFACTS["checkpoints"] or not p.is_dir() or any(p.iterdir()))
