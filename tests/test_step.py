@@ -234,7 +234,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_line(tmp_path):
 def _failing(message: str):
     """A stand-in for a compiled objective that fails as torch.compile does without a compiler: before any update."""
 
-    def objective(x: torch.Tensor, beta: float) -> torch.Tensor:
+    def objective(x: torch.Tensor, beta: float, part: object = None) -> torch.Tensor:
         raise RuntimeError(message)
 
     return objective
@@ -302,9 +302,9 @@ def test_the_step_is_told_the_runs_total_steps_also_when_resumed(digits, tmp_pat
     told = []
 
     class Told(Step):
-        def __init__(self, cfg, model, optimizer, steps, say=print):
+        def __init__(self, cfg, model, optimizer, steps, say=print, world=None):
             told.append(steps)
-            super().__init__(cfg, model, optimizer, steps, say)
+            super().__init__(cfg, model, optimizer, steps, say, world)
 
     monkeypatch.setattr("vaekit.training.Step", Told)
     run = vaekit.train("digits", tmp_path / "run", epochs=1, dataset=digits, verbose=False)

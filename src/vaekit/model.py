@@ -16,6 +16,7 @@ from . import likelihoods
 from .config import ModelConfig
 from .likelihoods import Likelihood, log_normal
 from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from .world import Part
 
 
 def kl_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -29,13 +30,19 @@ def draw(
     generator: torch.Generator | None = None,
     k: int | None = None,
     common: bool = False,
+    part: Part | None = None,
 ) -> torch.Tensor:
     """A reparameterised draw from N(mean, exp(logvar)) of shape (..., B, dims), or k of them stacked on a new first
-    axis. With common, every example of the batch gets the same standard-normal noise."""
+    axis. With common, every example of the batch gets the same standard-normal noise; with part, the noise is drawn
+    for the part's whole batch and the part's rows are kept."""
     shape = list(mean.shape if k is None else (k, *mean.shape))
     if common:
         shape[-2] = 1  # the batch axis: the noise broadcasts over it
+    elif part is not None:
+        shape[-2] = part.size
     eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if part is not None and not common:
+        eps = eps.index_select(-2, part.rows)
     return mean + torch.exp(0.5 * logvar) * eps
 
 
@@ -98,19 +105,21 @@ class VAE(nn.Module):
         generator: torch.Generator | None = None,
         posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
         common: bool = False,
+        part: Part | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(x|z), (k, B), and log q(z|x) - log p(z) per latent dimension, (k, B, dims), at k draws z ~ q(z|x).
 
         With analytic=True the top layer's term is its closed-form KL (lower variance, for the ELBO); otherwise every
         term is evaluated at the draws, as importance weights need. posterior, if given, is encode(x) already computed.
-        With common, all examples share the same standard-normal noise, so that each one's result depends on it alone.
+        With common, all examples share the same standard-normal noise, so that each one's result depends on it alone;
+        part says which rows of a larger batch x is (see world.Part): its noise is that batch's, row by row.
         """
         mean, logvar = _fp32(*(posterior if posterior is not None else self.encoder(x)))
-        z1 = z = draw(mean, logvar, generator, k, common)
+        z1 = z = draw(mean, logvar, generator, k, common, part)
         kl = []
         if self.config.latent2:
             mean2, logvar2 = _fp32(*self.encoder2(z1))
-            z2 = draw(mean2, logvar2, generator, common=common)
+            z2 = draw(mean2, logvar2, generator, common=common, part=part)
             kl.append(log_normal(z1, mean, logvar) - log_normal(z1, *_fp32(*self.prior1(z2))))
             mean, logvar, z = mean2, logvar2, z2
         kl.append(kl_normal(mean, logvar).expand_as(z) if analytic else log_normal(z, mean, logvar) - log_normal(z))
@@ -145,6 +154,7 @@ def log_weights(
     generator: torch.Generator | None = None,
     posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
     common: bool = False,
+    part: Part | None = None,
 ) -> torch.Tensor:
     """The log importance weights log p(x|z) + log p(z) - log q(z|x) at k draws z ~ q(z|x) per example: (k, B).
 
@@ -152,9 +162,10 @@ def log_weights(
     analytic=True puts the top layer's KL in closed form (lower variance, for the ELBO; not importance weights).
     For training, beta weights the KL terms and free_bits exempts each latent dimension whose KL, averaged over the
     batch, is below that many nats (Kingma et al. 2016). posterior, if given, is model.encode(x) already computed;
-    common gives every example the same noise (see VAE.terms).
+    common gives every example the same noise and part draws it for a larger batch (see VAE.terms).
     """
-    log_px, kl = model.terms(x, k, analytic=analytic, generator=generator, posterior=posterior, common=common)
+    log_px, kl = model.terms(x, k, analytic=analytic, generator=generator, posterior=posterior, common=common,
+                             part=part)  # fmt: skip
     if free_bits > 0:
         kl = torch.where(kl.detach().mean((0, 1)) >= free_bits, kl, torch.full_like(kl, free_bits))
     kl_sum = kl.sum(-1)
@@ -169,9 +180,12 @@ def objective(
     beta: float = 1.0,
     free_bits: float = 0.0,
     generator: torch.Generator | None = None,
+    part: Part | None = None,
 ) -> torch.Tensor:
-    """Per-example loss to minimise: the negative ELBO averaged over k draws, or the negative k-sample IWAE bound."""
-    log_w = log_weights(model, x, k, analytic=kind == "elbo", beta=beta, free_bits=free_bits, generator=generator)
+    """Per-example loss to minimise: the negative ELBO averaged over k draws, or the negative k-sample IWAE bound;
+    part, if given, is the rows of a larger batch that x is (see world.Part)."""
+    log_w = log_weights(model, x, k, analytic=kind == "elbo", beta=beta, free_bits=free_bits, generator=generator,
+                        part=part)  # fmt: skip
     if kind == "iwae":
         return math.log(k) - torch.logsumexp(log_w, 0)
     return -log_w.mean(0)

@@ -18,6 +18,7 @@ import torch
 from .config import Config
 from .errors import first_line
 from .model import VAE, objective
+from .world import Part, World
 
 # A run with fewer steps than this trains eagerly under train.compile = "auto": compiling the step takes from seconds
 # to a minute, which a short run does not win back (on two CPU cores the compiled step saved 15 to 22% of 3 to 5 ms
@@ -35,7 +36,7 @@ def finite(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(loss.detach() + sums.sum())
 
 
-def compile_reason(cfg: Config, device: torch.device, steps: int) -> str:
+def compile_reason(cfg: Config, device: torch.device, steps: int, processes: int = 1) -> str:
     """Why the step runs eagerly, or "" when it is compiled, for train.compile and a run of `steps` steps in all (not
     those left: a resumed run must take the path the uninterrupted one took)."""
     t = cfg.train
@@ -47,19 +48,40 @@ def compile_reason(cfg: Config, device: torch.device, steps: int) -> str:
         return "the KL warm-up (train.warmup) changes the objective at every step"
     if device.type == "mps":
         return "torch.compile does not support MPS"
+    if processes > 1:
+        return "each of several processes computes a share of every batch whose size varies from batch to batch"
     return ""
 
 
+class _Summed(torch.nn.Module):
+    """The summed objective as a module of the model's parameters, for DistributedDataParallel to wrap."""
+
+    def __init__(self, model: VAE, summed: Callable[[torch.Tensor, float, Part | None], torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.summed = model, summed
+
+    def forward(self, x: torch.Tensor, beta: float, part: Part | None) -> torch.Tensor:
+        return self.summed(x, beta, part)
+
+
 class Step:
-    """One update: objective, gradients, finite check, clipping and the optimizer's step, eager or compiled."""
+    """One update: objective, gradients, finite check, clipping and the optimizer's step, eager or compiled; under
+    several processes, each computes its part of the batch and DistributedDataParallel sums their gradients."""
 
     def __init__(
-        self, cfg: Config, model: VAE, optimizer: torch.optim.Optimizer, steps: int, say: Callable[[str], Any] = print
+        self,
+        cfg: Config,
+        model: VAE,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        say: Callable[[str], Any] = print,
+        world: World | None = None,
     ) -> None:
         t, device = cfg.train, model.device
         self.model, self.optimizer, self.clip = model, optimizer, t.clip_grad
+        self.world = world = world or World()
         self.params = list(model.parameters())
-        self.reason = compile_reason(cfg, device, steps)
+        self.reason = compile_reason(cfg, device, steps, world.size)
         # How the step runs is said after the first one (when a compile has worked or failed), unless it is the usual:
         # a short run under auto, eager.
         usual = t.compile == "auto" and steps < AUTO_COMPILE_STEPS
@@ -79,13 +101,18 @@ class Step:
             torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
         )
 
-        def summed(x: torch.Tensor, beta: float) -> torch.Tensor:
+        def summed(x: torch.Tensor, beta: float, part: Part | None = None) -> torch.Tensor:
             with precision:
-                return objective(model, x, t.objective, t.k, beta, t.free_bits).sum()
+                return objective(model, x, t.objective, t.k, beta, t.free_bits, part=part).sum()
 
         self.tried = False  # whether a step has run and said how it runs
-        self.eager: Callable[[torch.Tensor, float], torch.Tensor] = summed
-        self.objective: Callable[[torch.Tensor, float], torch.Tensor] = (
+        self.eager: Callable[..., torch.Tensor] = summed
+        if world.size > 1:
+            # It averages the processes' gradients; each one's loss is scaled by their number to make that a sum.
+            self.eager = torch.nn.parallel.DistributedDataParallel(
+                _Summed(model, summed), device_ids=[device] if device.type == "cuda" else None
+            )
+        self.objective: Callable[..., torch.Tensor] = (
             self.eager if self.reason else torch.compile(summed, dynamic=False, mode=self.mode)
         )
 
@@ -94,30 +121,32 @@ class Step:
         """Whether the objective and its gradient run through torch.compile."""
         return self.objective is not self.eager
 
-    def __call__(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update the model on the batch x; returns the summed loss and whether the update was made (both on the
-        device: reading them waits for it)."""
+    def __call__(self, x: torch.Tensor, beta: float, part: Part | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the model on the batch x (this process's part of it); returns the batch's summed loss and whether
+        the update was made (both on the device: reading them waits for it)."""
         try:
-            result = self._update(x, beta)
+            result = self._update(x, beta, part)
         except Exception as e:  # compiling fails without a C++ compiler, or on what torch.compile cannot trace
             if not self.compiled:
                 raise
             # It fails before the optimizer's step (a new batch shape recompiles too): the step is redone eagerly.
             self.objective, self.reason = self.eager, f"torch.compile failed: {first_line(e)}"
             self.tried = False
-            result = self._update(x, beta)
+            result = self._update(x, beta, part)
         if not self.tried:
             self.tried = True
             self.say(self.describe())
         return result
 
-    def _update(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update(self, x: torch.Tensor, beta: float, part: Part | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The update itself (see __call__); it fails, if at all, before the optimizer's step."""
         if self.compiled and self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer needed
-        loss = self.objective(x, beta)
+        loss = self.objective(x, beta, part)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.world.size if self.world.size > 1 else loss).backward()
+        # The whole batch's loss: a part's loss that is not finite stops every process's update.
+        loss = self.world.sum(loss.detach())
         ok = finite(loss, self.params)
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import likelihoods, nets
-from .checkpoint import Progress, listing, load_checkpoint, save_checkpoint
+from .checkpoint import Progress, listing, load_checkpoint, path_for, save_checkpoint
 from .config import Config, make_config, override, run_name
 from .data import SOURCES, Dataset, load_data
 from .errors import VaekitError
@@ -26,6 +26,7 @@ from .model import VAE, mean_loss
 from .optim import make_optimizer, pick_device
 from .run import ARTIFACTS, Run, save_model
 from .step import Step
+from .world import World, binarize
 
 
 def _run_dir(out: str | Path | None, cfg: Config) -> Path:
@@ -69,10 +70,17 @@ class Interrupted(KeyboardInterrupt):
 class _Signals:
     """SIGINT and SIGTERM ask training to stop after the current step; a second one stops it at once."""
 
-    def __init__(self, run_dir: Path, p: Progress) -> None:
+    def __init__(self, run_dir: Path, p: Progress, world: World | None = None) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
-        self._run_dir, self._progress = run_dir, p
+        self._run_dir, self._progress, self._world = run_dir, p, world or World()
+
+    def poll(self, agree: bool) -> int | None:
+        """The signal received, if any; several processes learn of one only together, where the loop tells them to
+        agree (one process told by the scheduler stops them all)."""
+        if self._world.size == 1:
+            return self.received
+        return self._world.most(self.received or 0) or None if agree else None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
@@ -137,7 +145,9 @@ def train(
         cfg.data.channels = data.shape[0]
     state = _prepare(cfg, data, None)
     state.source = "memory" if dataset is not None else "config"
-    return _loop(Run(_run_dir(out, cfg), cfg, state.model, data, state.progress.metrics), state, None, verbose)
+    world = state.world
+    out = world.share(_run_dir(out, cfg) if world.is_main else None)
+    return _loop(Run(out, cfg, state.model, data, state.progress.metrics), state, None, verbose)
 
 
 def resume(
@@ -185,7 +195,8 @@ def resume(
         )
         raise VaekitError(f"{run.dir} {done}; to train it for longer, pass --epochs N with N > {p.epoch}")
     # Everything the loop will write must be writable before it writes anything: a run is never left half-updated.
-    check_writable(*(run.path(name) for name in ("config", "weights", "description", "metrics")))
+    if state.world.is_main:
+        check_writable(*(run.path(name) for name in ("config", "weights", "description", "metrics")))
     return _loop(Run(run.dir, cfg, state.model, data, p.metrics), state, path, verbose)
 
 
@@ -200,14 +211,16 @@ class _State:
     shuffle: torch.Generator
     progress: Progress
     identity: dict[str, Any]
-    x_train: torch.Tensor  # the training examples, on the device
-    held_out: dict[str, torch.Tensor]  # the valid and test examples there are, on the device
+    x_train: torch.Tensor  # the training examples this process holds, on the device
+    held_out: dict[str, torch.Tensor]  # the valid and test examples there are, on the main process's device
+    world: World  # the processes training together
     source: str = "config"  # where the data came from: as the configuration names them, or passed in memory
 
 
 def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
     """Build the model, optimizer and scheduler, and restore the training state of the checkpoint start, if given."""
-    t, device = cfg.train, pick_device(cfg.train.device)
+    world = World()
+    t, device = cfg.train, world.start(pick_device(cfg.train.device))
     if t.patience and "valid" not in data.splits:
         raise VaekitError("train.patience needs a validation split: hold one out with --set data.validation=N")
     if data.scaler is not None and cfg.model.likelihood != "gaussian":
@@ -216,8 +229,9 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
             "needs: use --set model.likelihood=gaussian"
         )
     # On the device before anything is written: data too large for it must not leave an empty run directory.
-    x_train = data.split("train").x.to(device)
-    held_out: dict[str, torch.Tensor] = {n: data.split(n).x.to(device) for n in ("valid", "test") if n in data.splits}
+    x_train = world.shard(data.split("train").x).to(device)
+    # Only the main process evaluates.
+    held_out = {n: data.split(n).x.to(device) for n in ("valid", "test") if n in data.splits and world.is_main}
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
@@ -226,33 +240,29 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
     if start is not None:
         steps = (len(data.split("train").x) + t.batch_size - 1) // t.batch_size
         p = load_checkpoint(start, model, optimizer, scheduler, shuffle, identity, steps)
-    return _State(model, optimizer, scheduler, shuffle, p, identity, x_train, held_out)
+    return _State(model, optimizer, scheduler, shuffle, p, identity, x_train, held_out, world)
 
 
 def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
     """Train run's model from where s.progress stands to the last epoch: the training loop."""
     cfg, t, p, model, device = run.config, run.config.train, s.progress, s.model, s.model.device
-    x_train, n, bs = s.x_train, len(s.x_train), t.batch_size
+    x_train, n, bs, world = s.x_train, len(run.data.split("train").x), t.batch_size, s.world
     steps = (n + bs - 1) // bs
-    # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
-    run.path("checkpoints").mkdir(exist_ok=True)
-    config = run.path("config")
-    if not config.is_file() or config.read_text(encoding="utf-8") != cfg.to_toml():  # a resumed run's stays as it is
-        write_text(config, cfg.to_toml())
-    if not run.path("fingerprint").exists():  # a resumed run keeps its record: checkpoints hold the same fingerprint
-        _record_data(run, s)
-    if run.data.scaler is not None:
-        run.data.scaler.save(run.path("scaler"))
+    verbose = verbose and world.is_main  # only the main process writes and speaks
+    if world.is_main:
+        _start_writing(run, s)
     say = print if verbose else (lambda *a, **k: None)
     say(f"run directory: {run.dir}" + (f" (resuming from {start.name})" if start else ""))
     say(_settings(cfg, run.data))
     report_every = max(1, t.epochs // 15)  # every epoch for short runs, about 15 lines for long ones
-    update = Step(cfg, model, s.optimizer, steps * t.epochs, say)
+    update = Step(cfg, model, s.optimizer, steps * t.epochs, say, world)
 
     def checkpoint() -> Path:
+        if not world.is_main:
+            return path_for(run.dir, p.global_step)
         return save_checkpoint(run.dir, model, s.optimizer, s.shuffle, p, s.identity, t.keep_checkpoints)
 
-    with _Signals(run.dir, p) as signals:
+    with _Signals(run.dir, p, world) as signals:
         while p.epoch < t.epochs and not p.stopped:
             began = time.perf_counter() - p.seconds
             if p.step == 0:
@@ -265,43 +275,62 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
                        leave=False, disable=not verbose or None)  # fmt: skip
             flags: list[torch.Tensor] = []  # whether each step since the flags were last read made its update
             for step in bar:
-                x = x_train[order[step * bs : (step + 1) * bs]]
+                batch = order[step * bs : (step + 1) * bs]
+                mine, part = world.part(batch)  # the whole batch, in one process
+                x = x_train[mine]
                 if cfg.data.binarize:
-                    x = torch.bernoulli(x)
+                    x = binarize(x, part)
                 beta = t.beta * min(1.0, (p.epoch + step / steps) / t.warmup) if t.warmup else t.beta
-                loss, made = update(x, beta)
+                loss, made = update(x, beta, part)
                 total += torch.where(made, loss, 0.0)
                 flags.append(made)
                 p.global_step += 1
                 due = t.checkpoint_every and p.global_step % t.checkpoint_every == 0
-                received = signals.received  # read once: a signal arriving later is seen after the next step
-                if len(flags) == update.window or due or received or step == steps - 1:
-                    _account(p, flags, step + 1, n, bs, run.dir, t.skip_limit, bar)
+                agree = len(flags) == update.window or due or step == steps - 1
+                received = signals.poll(agree)  # read once: a signal arriving later is seen after the next step
+                if agree or received:
+                    _account(p, flags, step + 1, n, bs, run.dir, t.skip_limit, bar if world.is_main else None)
                     flags = []
                 if received or (due and not p.bad):
                     p.seconds = time.perf_counter() - began
                     saved = checkpoint()
                     if received:
+                        world.wait()  # for the checkpoint: a process that stops first gets the others stopped
                         raise Interrupted(received, run.dir, saved, p)
                 if step % 50 == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{loss.item() / len(x):.2f}")
+                    bar.set_postfix(loss=f"{loss.item() / len(batch):.2f}")
             bar.close()
             lr = s.optimizer.param_groups[0]["lr"]
             if s.scheduler is not None:
                 s.scheduler.step()
-            _end_epoch(run, p, s.held_out, lr, time.perf_counter() - began)
+            _end_epoch(run, p, s.held_out, lr, time.perf_counter() - began, world)
             # Last, so that every file it stands for is already written. None in a streak of skipped steps, unless it
             # must record that the run has ended.
-            if signals.received or not p.bad or p.epoch >= t.epochs or p.stopped:
+            received = signals.poll(True)
+            if received or not p.bad or p.epoch >= t.epochs or p.stopped:
                 saved = checkpoint()
             if p.epoch % report_every == 0 or p.epoch == t.epochs or p.epoch == 1 or p.stopped:
                 say(_report(p.metrics[-1]))
-            if signals.received and p.epoch < t.epochs and not p.stopped:
-                raise Interrupted(signals.received, run.dir, saved, p)
+            if received and p.epoch < t.epochs and not p.stopped:
+                world.wait()
+                raise Interrupted(received, run.dir, saved, p)
     if p.stopped:
         best = f"the best model, of epoch {p.best_epoch}, is in {run.path('best')}"
         say(f"early stop: the valid loss has not improved for {t.patience} epochs; {best}")
     return run
+
+
+def _start_writing(run: Run, s: _State) -> None:
+    """Write what a run holds before its first step: its settings, what it is trained on, a table's scaler."""
+    # The checkpoints folder first: a run with a config.toml but no checkpoint in it was stopped before its first one.
+    run.path("checkpoints").mkdir(exist_ok=True)
+    config, cfg = run.path("config"), run.config
+    if not config.is_file() or config.read_text(encoding="utf-8") != cfg.to_toml():  # a resumed run's stays as it is
+        write_text(config, cfg.to_toml())
+    if not run.path("fingerprint").exists():  # a resumed run keeps its record: checkpoints hold the same fingerprint
+        _record_data(run, s)
+    if run.data.scaler is not None:
+        run.data.scaler.save(run.path("scaler"))
 
 
 def _record_data(run: Run, s: _State) -> None:
@@ -335,7 +364,7 @@ def _report(row: dict[str, Any]) -> str:
 def _account(p: Progress, flags: list[torch.Tensor], end: int, n: int, bs: int, run_dir: Path, limit: int, bar: Any
              ) -> None:  # fmt: skip
     """Count the steps before step `end` whose finite flags are given: examples used, updates skipped (reported at
-    the first), and a stop after `limit` skipped in a row."""
+    the first, on bar unless it is None), and a stop after `limit` skipped in a row."""
     made = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
     for step, ok in enumerate(made, end - len(made)):
         p.step = step + 1
@@ -350,17 +379,22 @@ def _account(p: Progress, flags: list[torch.Tensor], end: int, n: int, bs: int, 
                 f"training stopped: the loss or its gradients were not finite in {limit} steps in a row (epoch "
                 f"{p.epoch + 1}, step {p.step}); {last}; try a lower --lr or --set train.clip_grad=..."
             )
-        if p.skipped == 1:
+        if p.skipped == 1 and bar is not None:
             bar.write(
                 f"epoch {p.epoch + 1}, step {p.step}: non-finite loss or gradient, update skipped", file=sys.stderr
             )
     p.step = end
 
 
-def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float) -> None:
-    """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping."""
+def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float, world: World
+               ) -> None:  # fmt: skip
+    """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping: the main
+    process does, and tells the others."""
     cfg, model = run.config, run.model
     p.epoch, p.step, p.seconds, p.order = p.epoch + 1, 0, 0.0, None
+    if not world.is_main:
+        p.metrics, p.best_loss, p.best_epoch, p.stopped = world.share(None)
+        return
     model.eval()
     losses = {"train": p.total.item() / p.used if p.total is not None and p.used else math.nan}
     losses.update({name: mean_loss(model, x, cfg.train.eval_batch_size) for name, x in held_out.items()})
@@ -375,3 +409,4 @@ def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: flo
         save_model(model, run.path("best"))
         write_text(Run(run.path("best")).path("config"), cfg.to_toml())
     p.stopped = bool(cfg.train.patience) and p.epoch - p.best_epoch >= cfg.train.patience
+    world.share((p.metrics, p.best_loss, p.best_epoch, p.stopped))

@@ -83,6 +83,7 @@ def _train(a: argparse.Namespace) -> None:
     from ..plots import plot
     from ..run import ARTIFACTS, Run
     from ..training import resume, train
+    from ..world import World
 
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in a.set)
     overrides.update({k: v for k, v in vars(a).items() if "." in k and v is not None})
@@ -103,6 +104,8 @@ def _train(a: argparse.Namespace) -> None:
                      verbose=not a.quiet)  # fmt: skip
     else:
         run = train(make_config(a.preset, a.config, overrides), a.out, verbose=not a.quiet)
+    if not World().is_main:  # under torchrun, the main process draws and says what was made
+        return
     with together():  # the plots and the report appear together, or neither does
         if not a.no_plots:
             plot(run)
