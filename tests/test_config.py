@@ -150,6 +150,7 @@ VALID = {
         "test_fraction": _floats(0, 1, exclude_min=True, exclude_max=True), "validation": st.integers(0, 2**63 - 1),
         "classes": st.lists(st.integers(0, 2**63 - 1), max_size=4), "label_column": st.text(max_size=10),
         "one_hot": st.booleans(),
+        "memory_map": st.sampled_from(["auto", "on", "off"]),
     }),
     "model": st.fixed_dictionaries({
         "net": st.sampled_from(["mlp", "conv"]), "hidden": sizes, "channels": sizes.filter(bool),

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run_with_validation(tmp_path_factory: pytest.TempPathFactory) -> vaekit.Run:
-    """A digits run of 2 epochs with a validation split, so that it also holds a best/ model."""
+    """A digits run of 2 epochs with a validation split, so that it also holds a best/ model, and TensorBoard logs."""
     out = tmp_path_factory.mktemp("run") / "run"
-    return vaekit.train("digits", out, epochs=2, verbose=False, **{"data.validation": 100})
+    return vaekit.train("digits", out, epochs=2, verbose=False, tensorboard=True, **{"data.validation": 100})
 
 
 def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with_validation, capsys):
@@ -56,10 +56,11 @@ def test_every_file_the_commands_write_into_a_run_is_named_in_artifacts(run_with
     named = {run.path(name) for name in ARTIFACTS if "{" not in ARTIFACTS[name]}
     named |= set(evaluations) | {p.with_suffix(".npz") for p in evaluations}
     written = {p for p in run.dir.rglob("*") if p.is_file()}
-    inside = {run.path("checkpoints"), run.path("best"), run.path("anomaly-report")}  # folders of their own
+    inside = {run.path(name) for name in ("checkpoints", "best", "anomaly-report", "tensorboard")}  # folders
     unnamed = sorted(p for p in written - named if not any(folder in p.parents for folder in inside))
     assert not unnamed, f"files not named in ARTIFACTS: {unnamed}"
-    files = named - {run.path(name) for name in ("checkpoints", "best", "plots", "anomaly-report", "scaler")}
+    files = named - {run.path(name) for name in ("checkpoints", "best", "plots", "anomaly-report", "scaler",
+                                                 "tensorboard")}  # fmt: skip
     assert not sorted(files - written), "named files that were not written"
     assert [p.name for p in evaluations] == ["evaluation.json", "evaluation-valid.json", "evaluation-first5.json"]
     # The run's record names every file in it, and names nothing else but checkpoints pruned since.

@@ -36,6 +36,7 @@ class DataConfig:
     classes: list[int] = field(default_factory=list)  # train only on these labels (one-class); [] means all
     label_column: str = ""  # tables: the CSV column holding labels, which is not a feature
     one_hot: bool = False  # tables: one-hot encode text columns instead of refusing them
+    memory_map: str = "auto"  # a float32 .npy file read from disk as batches need it: on, off, or auto (see README)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     skip_limit: int = 20  # updates with a non-finite loss or gradient are skipped; this many in a row stop the run
     compile: str = "auto"  # the step through torch.compile: on, off, or auto (on for runs of 50,000 steps or more)
     precision: str = "fp32"  # fp32, or bf16: the networks under bfloat16 autocast, the likelihood and ELBO in fp32
+    tensorboard: bool = False  # also log losses, KL per dimension and images to RUN/tensorboard (vaekit[tensorboard])
 
 
 @dataclass
@@ -385,6 +387,7 @@ def validate(cfg: Config) -> None:
         ("data.channels", cfg.data.channels in (0, 1, 3), "0 (auto), 1 or 3"),
         ("data.test_fraction", 0 < cfg.data.test_fraction < 1, "a number between 0 and 1"),
         ("data.classes", all(c >= 0 for c in cfg.data.classes), "a list of labels >= 0 ([] for all)"),
+        ("data.memory_map", cfg.data.memory_map in ("auto", "on", "off"), "auto, on or off"),
     ]
     for key, ok, allowed in checks:
         if not ok:

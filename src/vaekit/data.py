@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .errors import VaekitError
+from .errors import VaekitError, first_line
 from .files import read_arrays
 from .images import read_folder
 from .tables import Scaler, read_csv
@@ -52,6 +53,7 @@ class Dataset:
     splits: dict[str, Split]
     scaler: Scaler | None = None  # tables: the standardisation computed on the training split
     label_names: list[str] | None = None  # what each label number stands for, when the labels were text
+    mapped: bool = False  # the examples are a memory-mapped file, read from disk as they are used
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -191,14 +193,18 @@ SOURCES = {
 }
 
 
-def _partition(split: Split, n_out: int) -> tuple[Split, Split]:
-    """A fixed random division of a split, the same on every machine: the rest, and n_out examples held out."""
+def _partition(split: Split, n_out: int, in_order: bool = False) -> tuple[Split, Split]:
+    """A fixed random division of a split, the same on every machine: the rest, and n_out examples held out; in_order
+    holds out the last n_out instead (a memory-mapped file's splits stay views of it, not copies)."""
+    if in_order:
+        n = len(split.x)
+        return split.take(slice(0, n - n_out)), split.take(slice(n - n_out, n))
     order = torch.randperm(len(split.x), generator=torch.Generator().manual_seed(0))
     return split.take(order[n_out:]), split.take(order[:n_out])
 
 
-def _split(whole: Split, test_fraction: float) -> dict[str, Split]:
-    """A fixed random train/test split."""
+def _split(whole: Split, test_fraction: float, in_order: bool = False) -> dict[str, Split]:
+    """A fixed random train/test split (or the last examples as the test split, in_order)."""
     x = whole.x
     if len(x) < 2:
         raise VaekitError(f"only {len(x)} example: at least 2 are needed for a train and a test split")
@@ -207,7 +213,7 @@ def _split(whole: Split, test_fraction: float) -> dict[str, Split]:
         raise VaekitError(
             f"{len(x)} examples with test_fraction {test_fraction} leave none for training; lower data.test_fraction"
         )
-    train, test = _partition(whole, n_test)
+    train, test = _partition(whole, n_test, in_order)
     return {"train": train, "test": test}
 
 
@@ -264,9 +270,12 @@ def _check(splits: dict[str, Split], name: str, unit_range: bool = True) -> None
     for split, s in splits.items():
         if len(s.x) == 0 or s.x[0].numel() == 0:
             raise VaekitError(f"data '{name}': split '{split}' is empty")
-        if not torch.isfinite(s.x).all():
+        # In blocks of examples: a memory-mapped split is read a block at a time, never held whole.
+        rows = max(1, 2**24 // s.x[0].numel())
+        blocks = [s.x[i : i + rows] for i in range(0, len(s.x), rows)]
+        if not all(torch.isfinite(b).all() for b in blocks):
             raise VaekitError(f"data '{name}': split '{split}' contains NaN or infinite values")
-        lo, hi = s.x.min().item(), s.x.max().item()
+        lo, hi = min(b.min().item() for b in blocks), max(b.max().item() for b in blocks)
         if unit_range and (lo < 0 or hi > 1):
             raise VaekitError(
                 f"data '{name}': values must lie in [0, 1] (scale the data first), found [{lo:g}, {hi:g}]"
@@ -276,7 +285,7 @@ def _check(splits: dict[str, Split], name: str, unit_range: bool = True) -> None
         shape = s.x.shape[1:]
 
 
-def _hold_out(splits: dict[str, Split], n: int, name: str) -> dict[str, Split]:
+def _hold_out(splits: dict[str, Split], n: int, name: str, in_order: bool = False) -> dict[str, Split]:
     """Move a fixed random choice of n training examples into a 'valid' split."""
     if "valid" in splits:
         raise VaekitError(f"data '{name}' has its own validation split; leave data.validation at 0")
@@ -284,7 +293,7 @@ def _hold_out(splits: dict[str, Split], n: int, name: str) -> dict[str, Split]:
         raise VaekitError(
             f"data.validation = {n} leaves no training examples (the training split has {len(splits['train'].x)})"
         )
-    train, valid = _partition(splits["train"], n)
+    train, valid = _partition(splits["train"], n, in_order)
     return {**splits, "train": train, "valid": valid}
 
 
@@ -306,6 +315,42 @@ def _file(cfg: DataConfig) -> tuple[dict[str, Split], list[str] | None, list[str
     )
 
 
+def physical_memory() -> int:
+    """The machine's memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mapped(cfg: DataConfig) -> Split | None:
+    """The examples of a .npy file memory-mapped, where data.memory_map asks for it: always (on), never (off), or
+    (auto) when they take more than a quarter of the machine's memory; None where they are read into memory."""
+    path = Path(cfg.name).expanduser()
+    if cfg.memory_map == "off" or (cfg.memory_map == "auto" and (path.suffix != ".npy" or not path.is_file())):
+        return None
+    if path.suffix != ".npy":
+        raise VaekitError(f"data.memory_map = on maps a .npy file, and {cfg.name} is not one")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise VaekitError(f"data file not found: {path}") from None
+    except (OSError, ValueError, EOFError) as e:
+        if cfg.memory_map == "auto":
+            return None  # reading it whole says what is wrong with it
+        raise VaekitError(f"cannot read {path} as a NumPy array file: {first_line(e)}") from None
+    if cfg.memory_map == "auto" and a.size * 4 <= physical_memory() // 4:
+        return None
+    if a.dtype != np.float32:
+        raise VaekitError(
+            f"{path} holds {a.dtype}: a memory-mapped file is used as it is stored, so it must be float32 in [0, 1] "
+            "(convert it once, or set data.memory_map = off to read it into memory)"
+        )
+    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
+        raise VaekitError(f"{path} has shape {a.shape}: a memory-mapped file's images must be channels-first")
+    with warnings.catch_warnings():  # read-only: nothing writes into the examples
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(a)
+    return Split(_as_examples(x, str(path)))
+
+
 def _keep_classes(splits: dict[str, Split], classes: list[int], name: str) -> dict[str, Split]:
     """The training split reduced to the examples of the given classes (the one-class setting); the others kept."""
     train = splits["train"]
@@ -320,18 +365,22 @@ def _keep_classes(splits: dict[str, Split], classes: list[int], name: str) -> di
 def load_data(cfg: DataConfig) -> Dataset:
     """Load the data set cfg names into memory; with cfg.binarize, held-out splits are binarised once."""
     columns = label_names = None
+    mapped = None if cfg.name in SOURCES else _mapped(cfg)
     if cfg.name in SOURCES:
         root = Path(cfg.root).expanduser() if cfg.root else default_root()
         splits = SOURCES[cfg.name](cfg, root)
     else:
-        splits, columns, label_names = _file(cfg)
+        splits, columns, label_names = ({"all": mapped}, None, None) if mapped else _file(cfg)
         if "all" in splits:
-            splits = _split(splits["all"], cfg.test_fraction)
+            splits = _split(splits["all"], cfg.test_fraction, in_order=mapped is not None)
     _check(splits, cfg.name, unit_range=columns is None)
+    if mapped and (cfg.classes or cfg.binarize):
+        what = "data.classes" if cfg.classes else "data.binarize, which binarises the held-out examples once,"
+        raise VaekitError(f"{what} would copy the memory-mapped {cfg.name} into memory; prepare the file instead")
     if cfg.classes:
         splits = _keep_classes(splits, cfg.classes, cfg.name)
     if cfg.validation:
-        splits = _hold_out(splits, cfg.validation, cfg.name)
+        splits = _hold_out(splits, cfg.validation, cfg.name, in_order=mapped is not None)
     scaler = None
     if columns is not None:
         # Tables are standardised with the statistics of the examples the model trains on, kept with the run.
@@ -343,7 +392,7 @@ def load_data(cfg: DataConfig) -> Dataset:
         for name, s in splits.items():
             if name != "train":
                 splits[name] = Split(torch.bernoulli(s.x, generator=g), s.y, s.names)
-    return Dataset(cfg.name, splits, scaler, label_names)
+    return Dataset(cfg.name, splits, scaler, label_names, mapped=mapped is not None)
 
 
 def relocated(cfg: DataConfig, data_dir: str | Path) -> DataConfig:

@@ -151,6 +151,11 @@ def _record(path: Path) -> None:
             raise VaekitError(f"cannot write {record}: {e.strerror or e}") from None
 
 
+def record(path: str | Path) -> None:
+    """Add a file that a library wrote into a run (TensorBoard's event files) to the run's record."""
+    _record(Path(path))
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path atomically."""
     with atomic_path(path) as tmp:

@@ -30,6 +30,7 @@ ARTIFACTS = {
     "weights": "model.safetensors",
     "description": "model.json",  # what rebuilds the model: shape, sizes, activation, likelihood
     "metrics": "metrics.jsonl",  # one JSON object per epoch
+    "tensorboard": "tensorboard",  # with train.tensorboard: TensorBoard event files
     "checkpoints": "checkpoints",  # training states for --resume
     "best": "best",  # the model of the epoch with the lowest validation loss, as a run directory of its own
     "plots": "plots",  # what `plot` draws:

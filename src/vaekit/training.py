@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import likelihoods, nets
+from .board import Board, check_installed, opened
 from .checkpoint import Progress, listing, load_checkpoint, path_for, save_checkpoint
 from .config import Config, make_config, override, run_name
 from .data import SOURCES, Dataset, load_data
@@ -101,10 +102,11 @@ class _Signals:
 def _identity(cfg: Config, data: Dataset) -> dict[str, Any]:
     """What a checkpoint must have been made with to be resumed: the settings, and a fingerprint of the data."""
     settings = cfg.to_dict()
-    # These may differ: the number of epochs (--epochs), where the data are found, the device's name and whether the
-    # step is compiled (the same updates, made faster).
+    # These may differ: the number of epochs (--epochs), where the data are found, the device's name, whether the
+    # step is compiled (the same updates, made faster), whether the data are memory-mapped (the same examples; the
+    # fingerprint tells if the splits differ) and whether TensorBoard logs are written.
     for section, key in (("train", "epochs"), ("data", "root"), ("data", "download"), ("train", "device"),
-                         ("train", "compile")):  # fmt: skip
+                         ("train", "compile"), ("data", "memory_map"), ("train", "tensorboard")):  # fmt: skip
         del settings[section][key]
     # Settings added since 0.1.0 are recorded only where they differ from their defaults, so that checkpoints made
     # before they existed still resume.
@@ -121,6 +123,8 @@ def _load(cfg: Config, dataset: Dataset | None) -> Dataset:
     nets.activation(cfg.model.activation)
     likelihoods.get(cfg.model.likelihood)
     pick_device(cfg.train.device)
+    if cfg.train.tensorboard:
+        check_installed()
     torch.manual_seed(cfg.train.seed)  # before the data and the model, which may draw random numbers
     return dataset if dataset is not None else load_data(cfg.data)
 
@@ -211,8 +215,8 @@ class _State:
     shuffle: torch.Generator
     progress: Progress
     identity: dict[str, Any]
-    x_train: torch.Tensor  # the training examples this process holds, on the device
-    held_out: dict[str, torch.Tensor]  # the valid and test examples there are, on the main process's device
+    x_train: torch.Tensor  # the training examples this process holds, on the device (unless memory-mapped)
+    held_out: dict[str, torch.Tensor]  # the valid and test examples there are, for the main process to evaluate
     world: World  # the processes training together
     source: str = "config"  # where the data came from: as the configuration names them, or passed in memory
 
@@ -229,9 +233,11 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
             "needs: use --set model.likelihood=gaussian"
         )
     # On the device before anything is written: data too large for it must not leave an empty run directory.
-    x_train = world.shard(data.split("train").x).to(device)
+    # Memory-mapped data stay where they are: batches are read from them and moved to the device one at a time.
+    place = (lambda x: x) if data.mapped else (lambda x: x.to(device))
+    x_train = place(world.shard(data.split("train").x))
     # Only the main process evaluates.
-    held_out = {n: data.split(n).x.to(device) for n in ("valid", "test") if n in data.splits and world.is_main}
+    held_out = {n: place(data.split(n).x) for n in ("valid", "test") if n in data.splits and world.is_main}
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
@@ -262,7 +268,9 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
             return path_for(run.dir, p.global_step)
         return save_checkpoint(run.dir, model, s.optimizer, s.shuffle, p, s.identity, t.keep_checkpoints)
 
-    with _Signals(run.dir, p, world) as signals:
+    shown = next(iter(s.held_out.values()), x_train)  # to TensorBoard: the valid or test examples, if there are any
+    logs = opened(run.path("tensorboard"), p.epoch, shown, t.tensorboard and world.is_main)
+    with _Signals(run.dir, p, world) as signals, logs as board:
         while p.epoch < t.epochs and not p.stopped:
             began = time.perf_counter() - p.seconds
             if p.step == 0:
@@ -277,7 +285,7 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
             for step in bar:
                 batch = order[step * bs : (step + 1) * bs]
                 mine, part = world.part(batch)  # the whole batch, in one process
-                x = x_train[mine]
+                x = x_train[mine.to(x_train.device)].to(device)  # both no-ops, unless the data are memory-mapped
                 if cfg.data.binarize:
                     x = binarize(x, part)
                 beta = t.beta * min(1.0, (p.epoch + step / steps) / t.warmup) if t.warmup else t.beta
@@ -303,7 +311,7 @@ def _loop(run: Run, s: _State, start: Path | None, verbose: bool) -> Run:
             lr = s.optimizer.param_groups[0]["lr"]
             if s.scheduler is not None:
                 s.scheduler.step()
-            _end_epoch(run, p, s.held_out, lr, time.perf_counter() - began, world)
+            _end_epoch(run, p, s.held_out, lr, time.perf_counter() - began, world, board)
             # Last, so that every file it stands for is already written. None in a streak of skipped steps, unless it
             # must record that the run has ended.
             received = signals.poll(True)
@@ -386,10 +394,10 @@ def _account(p: Progress, flags: list[torch.Tensor], end: int, n: int, bs: int, 
     p.step = end
 
 
-def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float, world: World
-               ) -> None:  # fmt: skip
-    """Record an epoch's metrics, save the last model, keep the best one and decide on early stopping: the main
-    process does, and tells the others."""
+def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: float, seconds: float, world: World,
+               board: Board | None) -> None:  # fmt: skip
+    """Record an epoch's metrics (also to TensorBoard), save the last model, keep the best one and decide on early
+    stopping: the main process does, and tells the others."""
     cfg, model = run.config, run.model
     p.epoch, p.step, p.seconds, p.order = p.epoch + 1, 0, 0.0, None
     if not world.is_main:
@@ -403,6 +411,8 @@ def _end_epoch(run: Run, p: Progress, held_out: dict[str, torch.Tensor], lr: flo
     p.metrics.append({**row, "skipped": p.skipped, "lr": lr, "seconds": seconds})
     save_model(model, run.dir)
     write_text(run.path("metrics"), "".join(json.dumps(m, allow_nan=False) + "\n" for m in p.metrics))
+    if board is not None:
+        board.epoch(p.metrics[-1], model)
     valid = row.get("valid_loss")
     if valid is not None and valid < p.best_loss:
         p.best_loss, p.best_epoch = valid, p.epoch
