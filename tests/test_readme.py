@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def _cases(folder: Path, rng: np.random.Generator) -> None:
 def _argv(command: str, folder: Path) -> list[str]:
     """The arguments of a README command after its program, with ~ and /mnt/ in the sandbox, shortened."""
     argv = [os.path.expanduser(a).replace("/mnt/", f"{folder}/mnt/") for a in shlex.split(command)]
-    return argv[1:] + ([] if "--resume" in argv else SHORTEN.get(argv[1], []))
+    return argv[1:] + ([] if "--resume" in argv or argv[0] != "vaekit" else SHORTEN.get(argv[1], []))
 
 
 def test_every_command_and_snippet_of_the_readme_runs_as_written(tmp_path, monkeypatch, capsys):
@@ -145,6 +146,14 @@ def test_every_command_and_snippet_of_the_readme_runs_as_written(tmp_path, monke
             continue
         elif text.startswith("mv "):
             subprocess.run(["mv", *_argv(text, tmp_path)], check=True)
+        elif text.startswith("torchrun "):  # as torchrun, which is `python -m torch.distributed.run`
+            argv = _argv(text, tmp_path)
+            at = argv.index("vaekit") + 1
+            argv += SHORTEN.get(argv[at], [])
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv], env=env,
+                                  capture_output=True, text=True)  # fmt: skip
+            assert done.returncode == 0, (text, done.stderr[-500:])
         else:
             assert text.startswith("vaekit "), f"a README command this test does not know how to run: {text}"
             capsys.readouterr()

@@ -21,7 +21,7 @@ KL_EXAMPLES, IMAGES = 1000, 16
 def check_installed() -> None:
     """Refuse train.tensorboard where TensorBoard is not installed, before a run starts."""
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         raise VaekitError("train.tensorboard needs TensorBoard: pip install 'vaekit[tensorboard]'") from None
 

@@ -232,12 +232,17 @@ def _prepare(cfg: Config, data: Dataset, start: Path | None) -> _State:
             f"tables are standardised, so their values are not in [0, 1] as the {cfg.model.likelihood} likelihood "
             "needs: use --set model.likelihood=gaussian"
         )
+
     # On the device before anything is written: data too large for it must not leave an empty run directory.
     # Memory-mapped data stay where they are: batches are read from them and moved to the device one at a time.
-    place = (lambda x: x) if data.mapped else (lambda x: x.to(device))
+    def place(x: torch.Tensor) -> torch.Tensor:
+        return x if data.mapped else x.to(device)
+
     x_train = place(world.shard(data.split("train").x))
     # Only the main process evaluates.
-    held_out = {n: place(data.split(n).x) for n in ("valid", "test") if n in data.splits and world.is_main}
+    held_out: dict[str, torch.Tensor] = {
+        n: place(data.split(n).x) for n in ("valid", "test") if n in data.splits and world.is_main
+    }
     model = VAE(data.shape, cfg.model).to(device)
     optimizer, scheduler = make_optimizer(t, model, device)
     shuffle = torch.Generator(device).manual_seed(t.seed)
