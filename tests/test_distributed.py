@@ -185,3 +185,22 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint_that_one_process_re
     assert_close(losses(run), losses(uninterrupted[2]), RTOL)
     a, b = load_file(run / "model.safetensors"), load_file(uninterrupted[2] / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_a_mistake_stops_every_process_with_one_line_each(uninterrupted):
+    """--out naming a run that exists: the main process says so, the other says that it stops with it (no
+    traceback from either), and nothing in the run changes."""
+    run = uninterrupted[2]
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, out, err = finish(vaekit([*TRAIN, "--out", run], 2))
+    assert code != 0 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("vaekit: ")]
+    main_says = f"vaekit: error: {run} already holds a run; pass another --out, or continue it with --resume {run}"
+    assert lines.count(main_says) == 1
+    # The other process stops as its collective fails, or as torchrun's SIGTERM, sent when the first one failed,
+    # arrives: each is one line, and no other is said.
+    others = {"vaekit: error: another process of this run stopped (its message says why), so this one stops",
+              "vaekit: terminated (SIGTERM)"}  # fmt: skip
+    assert 1 <= len(lines) - 1 <= 2 and set(lines) - {main_says} <= others, lines
+    assert "[rank" not in err  # torchrun prefixes a process's traceback with its rank
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before

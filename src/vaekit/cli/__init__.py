@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ def _with_run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argpar
 _MEMORY_ERRORS = ("out of memory", "not enough memory", "can't allocate memory", "size calculation overflowed")
 
 
+def _lost_the_others(e: BaseException) -> bool:
+    """Whether e is a collective of several processes (torchrun) failing because another process has ended."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return False
+    return type(e).__name__.startswith("Dist") or any(word in str(e) for word in ("gloo", "NCCL", "Connection closed"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vaekit` command: run one command; user errors are one line on stderr and exit code 2;
     SIGINT and SIGTERM, from start-up to the last write, one line and exit code 130 or 143 (training's own handlers
@@ -145,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
+        if not debug and _lost_the_others(e):
+            print("vaekit: error: another process of this run stopped (its message says why), so this one stops",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         # Sizes a user asked for (huge images, layers or sample counts) can exhaust memory: their error, not a bug.
         if debug or not (isinstance(e, MemoryError) or any(m in str(e) for m in _MEMORY_ERRORS)):
             raise
