@@ -168,6 +168,7 @@ VALID = {
         "checkpoint_every": st.integers(0, 2**63 - 1), "keep_checkpoints": st.integers(1, 2**63 - 1),
         "patience": st.integers(0, 2**63 - 1), "skip_limit": st.integers(1, 2**63 - 1),
         "compile": st.sampled_from(["auto", "on", "off"]), "precision": st.sampled_from(["fp32", "bf16"]),
+        "tensorboard": st.booleans(),
     }),
 }  # fmt: skip
 

@@ -9,6 +9,7 @@ import copy
 import gzip
 import hashlib
 import importlib.util
+import math
 import os
 import warnings
 import zlib
@@ -270,12 +271,15 @@ def _check(splits: dict[str, Split], name: str, unit_range: bool = True) -> None
     for split, s in splits.items():
         if len(s.x) == 0 or s.x[0].numel() == 0:
             raise VaekitError(f"data '{name}': split '{split}' is empty")
-        # In blocks of examples: a memory-mapped split is read a block at a time, never held whole.
-        rows = max(1, 2**24 // s.x[0].numel())
-        blocks = [s.x[i : i + rows] for i in range(0, len(s.x), rows)]
-        if not all(torch.isfinite(b).all() for b in blocks):
+        # In blocks of examples, each read once: a memory-mapped split is never held whole.
+        rows, finite, lo, hi = max(1, 2**24 // s.x[0].numel()), True, math.inf, -math.inf
+        for i in range(0, len(s.x), rows):
+            block = s.x[i : i + rows]
+            finite = finite and bool(torch.isfinite(block).all())
+            low, high = torch.aminmax(block)
+            lo, hi = min(lo, low.item()), max(hi, high.item())
+        if not finite:
             raise VaekitError(f"data '{name}': split '{split}' contains NaN or infinite values")
-        lo, hi = min(b.min().item() for b in blocks), max(b.max().item() for b in blocks)
         if unit_range and (lo < 0 or hi > 1):
             raise VaekitError(
                 f"data '{name}': values must lie in [0, 1] (scale the data first), found [{lo:g}, {hi:g}]"
