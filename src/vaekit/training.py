@@ -81,7 +81,9 @@ class _Signals:
         agree (one process told by the scheduler stops them all)."""
         if self._world.size == 1:
             return self.received
-        return self._world.most(self.received or 0) or None if agree else None
+        if not agree:
+            return None
+        return self._world.most(self.received or 0) or None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
