@@ -16,7 +16,7 @@ from vaekit import likelihoods
 from vaekit.cli import main
 from vaekit.config import PRESETS, ModelConfig, make_config
 from vaekit.likelihoods import Bernoulli, DiscreteLikelihood, Gaussian, Likelihood, LogisticMixture
-from vaekit.model import VAE, objective
+from vaekit.model import VAE, kl_normal, log_weights, objective
 from vaekit.optim import burda_schedule
 
 f64 = torch.float64
@@ -540,6 +540,24 @@ def test_free_bits_replace_small_kls_by_a_constant():
     expected = -log_px[0] + torch.where(kept, kl, torch.full_like(kl, threshold)).sum(-1)
     got = objective(model, x, free_bits=threshold, generator=gen(4))
     torch.testing.assert_close(got, expected)
+
+
+def test_free_bits_keep_a_dimension_at_the_threshold_also_below_one_nat():
+    """A dimension whose batch-mean KL equals free_bits keeps its KL; thresholds below one nat act too."""
+    torch.manual_seed(0)
+    model = VAE((10,), ModelConfig(hidden=[16], latent=3))  # a fresh encoder: KLs well below a nat
+    x = torch.bernoulli(torch.full((8, 10), 0.5), generator=gen(0))
+    q, _, log_px = draws(model, x, 1, seed=4)
+    kl = kl_divergence(q, Normal(0.0, 1.0))
+    # The threshold: the middle dimension's mean KL to the last bit, as the objective computes it over (k, B).
+    means = kl_normal(*model.encode(x)).unsqueeze(0).mean((0, 1))
+    at = means.sort().values[1]
+    assert 0 < at.item() < 1
+    kept = means >= at
+    assert kept.sum() == 2
+    expected = -log_px[0] + torch.where(kept, kl, torch.full_like(kl, at.item())).sum(-1)
+    torch.testing.assert_close(objective(model, x, free_bits=at.item(), generator=gen(4)), expected)
+    assert log_weights(model, x, free_bits=at.item(), analytic=True, generator=gen(4)).shape == (1, 8)  # k = 1
 
 
 def test_free_bits_above_every_kl_leaves_only_reconstruction_gradients():
