@@ -271,8 +271,8 @@ def _check(splits: dict[str, Split], name: str, unit_range: bool = True) -> None
     for split, s in splits.items():
         if len(s.x) == 0 or s.x[0].numel() == 0:
             raise VaekitError(f"data '{name}': split '{split}' is empty")
-        # In blocks of examples, each read once: a memory-mapped split is never held whole.
-        rows, finite, lo, hi = max(1, 2**24 // s.x[0].numel()), True, math.inf, -math.inf
+        # In blocks of examples (4 MiB of temporaries), each read once: a memory-mapped split is never held whole.
+        rows, finite, lo, hi = max(1, 2**22 // s.x[0].numel()), True, math.inf, -math.inf
         for i in range(0, len(s.x), rows):
             block = s.x[i : i + rows]
             finite = finite and bool(torch.isfinite(block).all())
