@@ -807,3 +807,12 @@ def test_data_changed_since_training_is_refused(tmp_path):
         assert result.returncode == 2
         assert len(result.stderr.splitlines()) == 1 and "trained on (1, 4, 4)" in result.stderr
     assert not (tmp_path / "z.npy").exists()
+
+
+def test_an_error_is_quoted_by_its_first_line_or_its_type_when_it_says_nothing():
+    """Messages quoted from other libraries keep their first line; an exception with no message is named by its type."""
+    from vaekit.errors import first_line
+
+    assert first_line(ValueError("  bad shape\n  signatures: ...  ")) == "bad shape"
+    assert first_line(MemoryError()) == "MemoryError"
+    assert first_line(RuntimeError(" \n ")) == "RuntimeError"
