@@ -18,6 +18,7 @@ from conftest import Terminal, assert_one_line_error, run_cli
 from sklearn.datasets import load_breast_cancer
 
 import vaekit
+from vaekit.optim import pick_device
 from vaekit.uses import anomaly
 from vaekit.uses.detector import AnomalyDetector
 
@@ -50,6 +51,25 @@ def test_one_class_digits_nll_detects_the_other_digits(eights, capsys):
     assert {p.name for p in (eights / "anomaly-report").iterdir()} == {"report.json", "roc.png", "scores.png",
                                                                      "extremes.png"}  # fmt: skip
     assert f"AUROC {report['auroc']:.4f}" in out
+    # It names the eight most and least anomalous examples: those with the highest and the lowest scores, in order.
+    run = vaekit.open_run(eights)
+    values = anomaly.scores(run.model_on(pick_device("auto")), test.x, "nll", k=50, seed=0).tolist()
+    most, least = report["most_anomalous"], report["least_anomalous"]
+    assert [values[i] for i in most] == sorted(values, reverse=True)[:8]
+    assert [values[i] for i in least] == sorted(values)[:8]
+
+
+def test_a_report_whose_file_is_taken_by_a_folder_writes_nothing(eights, tmp_path, capsys):
+    """A folder where the report's report.json goes is refused in one line before anything else is read or scored
+    (here data that does not exist), and no figure is written beside it."""
+    run = tmp_path / "eights"
+    shutil.copytree(eights, run, ignore=shutil.ignore_patterns("anomaly-report"))
+    taken = run / "anomaly-report" / "report.json"
+    taken.mkdir(parents=True)
+    code, _, err = run_cli(["anomaly", "report", run, "--data", tmp_path / "missing.npy"], capsys)
+    assert_one_line_error(code, err)
+    assert err == f"vaekit: error: cannot write {taken}: it exists and is not a regular file\n"
+    assert list(taken.parent.iterdir()) == [taken] and not any(taken.iterdir())
 
 
 def test_scores_of_an_example_do_not_depend_on_the_others(eights):

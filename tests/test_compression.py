@@ -540,3 +540,19 @@ def test_the_stack_starts_on_the_words_of_a_fixed_hash():
     zeros made ones, so that every version and machine decodes what another wrote."""
     digest = np.frombuffer(hashlib.shake_256(b"vaekit bits-back seed").digest(4 * 1000), dtype="<u4")
     assert np.array_equal(codec.seed_words(1000), np.maximum(digest, 1)) and codec.seed_words(1000).dtype == np.uint32
+
+
+def test_levels_in_any_numeric_dtype_code_to_the_same_words():
+    """Levels held as uint8 or as whole-number floats code exactly as the same levels in int64 do."""
+    model, levels, coded = _coded_digits(20)
+    for same in (levels.astype(np.uint8), levels.astype(np.float64), np.asfortranarray(levels.astype(np.float32))):
+        assert np.array_equal(codec.encode(model, same)[0].words, coded.words)
+
+
+def test_a_seed_too_short_for_the_first_latents_is_one_clear_error(monkeypatch):
+    """A stack that runs out of seed while drawing latents is refused with the reason and what to change."""
+    model, levels, _ = _coded_digits(3)
+    monkeypatch.setattr(codec, "seed_size", lambda latent, precision: 1)
+    with pytest.raises(vaekit.VaekitError, match=r"^the seed of the bits-back chain ran out \(posteriors wider than "
+                       r"the prior\): lower --precision$"):  # fmt: skip
+        codec.encode(model, levels)

@@ -33,6 +33,7 @@ SCORES = {
     "latent": "Mahalanobis distance of the posterior mean from the training data's aggregate posterior",
 }
 FORMAT = "vaekit-anomaly"
+EXTREMES = 8  # the most and the least anomalous examples a report names (and, for images, shows)
 
 
 @dataclass
@@ -310,8 +311,8 @@ def report(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Measure the anomaly score against known labels: AUROC, AUPRC, the false-alarm rate at 95% detection (and the
-    rates at the calibrated threshold), saved with a ROC curve, score histograms and, for images, the most and least
-    anomalous inputs beside their reconstructions and error maps in RUN/anomaly-report.
+    rates at the calibrated threshold) and the eight most and least anomalous examples, saved with a ROC curve, score
+    histograms and, for images, those inputs beside their reconstructions and error maps in RUN/anomaly-report.
 
     The labels in normal (names or numbers) are normal, every other label anomalous; by default the classes the run
     was trained on. The score is the calibrated one, else score (default nll) with k draws.
@@ -333,14 +334,16 @@ def report(
     values = _score_with(run, calibration, examples.x, device)
     summary = {"data": what, "score": calibration["score"], "k": calibration["k"]}
     summary.update(metrics(values, anomalous, calibration["threshold"]))
+    order = values.argsort(descending=True)
+    extremes = {"most_anomalous": order[:EXTREMES], "least_anomalous": order.flip(0)[:EXTREMES]}
+    for key, rows in extremes.items():
+        summary[key] = [examples.names[i] if examples.names else i for i in rows.tolist()]
     with together():
         made = [roc_curve(values, anomalous, summary["auroc"], out / "roc.png")]
         made.append(score_histograms(values, anomalous, calibration["threshold"], summary["score"], out / "scores.png"))
         model = run.model_on(torch.device("cpu"))
         if is_image(model.shape):
-            order = values.argsort()
-            pick = torch.cat([order.flip(0)[:8], order[:8]])
-            x = examples.x[pick]
+            x = examples.x[torch.cat(list(extremes.values()))]
             made.append(anomaly_extremes(x, reconstruct(model, x), error_map(model, x), out / "extremes.png"))
         write_json(out / "report.json", summary)
     summary["files"] = [str(p) for p in [out / "report.json", *made]]
