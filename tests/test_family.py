@@ -18,6 +18,7 @@ from vaekit.config import PRESETS, ModelConfig, make_config
 from vaekit.likelihoods import Bernoulli, DiscreteLikelihood, Gaussian, Likelihood, LogisticMixture
 from vaekit.model import VAE, kl_normal, log_weights, objective
 from vaekit.optim import burda_schedule
+from vaekit.world import Part, binarize
 
 f64 = torch.float64
 
@@ -498,7 +499,8 @@ def draws(model: VAE, x: torch.Tensor, k: int, seed: int):
 
 
 def test_beta_zero_is_reconstruction_only():
-    """beta = 0 leaves -mean_k log p(x|z), the KL ignored; beta = 1 adds the analytic KL."""
+    """beta = 0 leaves -mean_k log p(x|z), the KL ignored; beta = 1 adds the analytic KL, other betas (a fraction, a
+    whole number) weight it."""
     model, x = one_layer()
     q, _, log_px = draws(model, x, 3, seed=5)
     kl = kl_divergence(q, Normal(0.0, 1.0)).sum(-1)
@@ -506,6 +508,7 @@ def test_beta_zero_is_reconstruction_only():
     torch.testing.assert_close(objective(model, x, k=3, beta=0.0, generator=gen(5)), -log_px.mean(0))
     torch.testing.assert_close(objective(model, x, k=3, beta=1.0, generator=gen(5)), -log_px.mean(0) + kl)
     torch.testing.assert_close(objective(model, x, k=3, beta=0.25, generator=gen(5)), -log_px.mean(0) + 0.25 * kl)
+    torch.testing.assert_close(objective(model, x, k=3, beta=2.0, generator=gen(5)), -log_px.mean(0) + 2 * kl)
 
 
 def test_iwae_with_one_draw_is_the_sampled_elbo():
@@ -789,3 +792,32 @@ def test_iwae_presets_build_burda_architectures():
         assert tuple(t.optimizer_args["betas"]) == (0.9, 0.999) and t.optimizer_args["eps"] == 1e-4
     assert m1.sample(2, gen(0)).shape == m2.sample(2, gen(0)).shape == (2, 1, 28, 28)
     assert np.isclose(sum(burda_schedule(e) for e in range(3280)), sum(3**i * 10 ** (-i / 7) for i in range(8)))
+
+
+@pytest.mark.parametrize("kind", ["elbo", "iwae"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_part_of_a_batch_gets_the_noise_the_whole_batch_gives_its_rows(kind, layers):
+    """What one of several processes computes for its examples of a global batch (a world.Part) is what a single
+    process computes for those rows of the whole batch, posterior draws included, so that updates do not depend on
+    the number of processes; without the part, the same rows would get other draws."""
+    if layers == 1:
+        model, x = one_layer()
+    else:
+        model, x = two_layer(), torch.bernoulli(torch.full((8, 12), 0.3), generator=gen(0))
+    rows = torch.tensor([0, 3, 4, 7])
+    whole = objective(model, x, kind, k=3, beta=0.5, generator=gen(9))
+    mine = objective(model, x[rows], kind, k=3, beta=0.5, generator=gen(9), part=Part(rows, len(x)))
+    torch.testing.assert_close(mine, whole[rows])
+    alone = objective(model, x[rows], kind, k=3, beta=0.5, generator=gen(9))
+    assert not torch.allclose(alone, whole[rows])
+
+
+def test_a_part_is_binarised_as_the_whole_batch_binarises_its_rows():
+    """Dynamic binarisation of a part draws the whole batch's uniforms and keeps the part's rows."""
+    x = torch.rand(10, 6, generator=gen(1))
+    rows = torch.tensor([1, 2, 8])
+    torch.manual_seed(3)
+    whole = binarize(x)
+    torch.manual_seed(3)
+    assert torch.equal(binarize(x[rows], Part(rows, len(x))), whole[rows])
+    assert set(whole.unique().tolist()) == {0.0, 1.0}

@@ -20,6 +20,7 @@ from vaekit.config import make_config
 from vaekit.model import VAE, log_weights, objective
 from vaekit.optim import make_optimizer
 from vaekit.step import WINDOW, Step, compile_reason
+from vaekit.world import Part
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -311,3 +312,18 @@ def test_the_step_is_told_the_runs_total_steps_also_when_resumed(digits, tmp_pat
     vaekit.resume(run.dir, epochs=3, dataset=digits, verbose=False)
     steps = math.ceil(len(digits.split("train").x) / 64)
     assert told == [steps, 3 * steps]
+
+
+def test_a_step_on_a_part_of_a_batch_computes_those_rows_of_the_whole_batch(digits):
+    """Given its part of a global batch (as each of several processes is), a step returns the loss of those rows of
+    the whole batch, with the draws the whole batch would get."""
+    t = make_config("digits").train
+    x = digits.split("train").x[:16]
+    rows = torch.tensor([2, 5, 6, 11])
+    model, _, step = _model_and_step()
+    torch.manual_seed(4)
+    whole = objective(model, x, t.objective, t.k, 1.0, t.free_bits)
+    torch.manual_seed(4)
+    loss, made = step(x[rows], 1.0, Part(rows, len(x)))
+    assert made
+    torch.testing.assert_close(loss, whole[rows].sum())
