@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Terminal, assert_one_line_error, run_cli
+from conftest import DEVICES, Terminal, assert_one_line_error, run_cli
 from sklearn.datasets import load_breast_cancer
 
 import vaekit
@@ -256,6 +256,7 @@ def test_detector_follows_scikit_learn_conventions_and_saves_as_a_run(tmp_path):
     saved = json.loads(run.path("anomaly").read_text())
     assert saved["format"] == "vaekit-anomaly" and saved["version"] == 1 and saved["score"] == "elbo"
     assert saved["normal_data"] == {"data": "the training data", "sha256": detector.fingerprint_}
+    assert detector.latent_ is None and "latent" not in saved  # only the latent score fits the aggregate posterior
     again = AnomalyDetector.load(run.dir)
     assert again.get_params() == detector.get_params()
     np.testing.assert_array_equal(again.predict(x), detector.predict(x))
@@ -387,8 +388,9 @@ def test_detector_images_outside_the_unit_interval_are_refused_on_either_side():
             AnomalyDetector("recon", epochs=1, latent=2, hidden=(8,)).fit(images)
 
 
-def test_detector_scores_with_its_seed_and_trains_aloud_when_verbose(capsys):
-    """The elbo score draws from the detector's seed (not always 0), and verbose=True prints the training."""
+def test_detector_scores_with_its_seed_and_trains_aloud_when_verbose(capsys, tmp_path):
+    """The elbo score draws from the detector's seed (not always 0), also once saved and loaded, and verbose=True
+    prints the training."""
     x = _table(60)
     detector = AnomalyDetector("elbo", 0.1, k=5, epochs=2, latent=2, hidden=(8,), seed=7, verbose=True).fit(x)
     assert "epoch   2" in capsys.readouterr().out
@@ -397,6 +399,8 @@ def test_detector_scores_with_its_seed_and_trains_aloud_when_verbose(capsys):
     for seed, same in ((7, True), (0, False)):
         expected = -anomaly.scores(model, rows, "elbo", k=5, seed=seed).numpy()
         assert np.array_equal(detector.score_samples(x), expected) == same
+    again = AnomalyDetector.load(detector.save(tmp_path / "detector").dir)  # with its seed
+    np.testing.assert_array_equal(again.score_samples(x), detector.score_samples(x))
 
 
 def test_calibration_defaults_to_the_validation_split_and_scoring_uses_the_calibrated_score(tmp_path):
@@ -409,3 +413,33 @@ def test_calibration_defaults_to_the_validation_split_and_scoring_uses_the_calib
     values, _, _ = anomaly.score_run(run.dir, device="cpu")
     opened = vaekit.open_run(run.dir)
     assert torch.equal(values, anomaly.scores(opened.model, opened.examples("test").x, "recon"))
+
+
+def test_the_latent_detector_scores_by_its_training_rows_aggregate_posterior_and_saves_it(tmp_path):
+    """method='latent' fits a Gaussian to the encodings of the training rows and scores by it; saved and loaded, with
+    its data's digest, the detector scores the same; a folder that holds a run is not saved over."""
+    x = _table(120)
+    detector = AnomalyDetector("latent", 0.1, epochs=5, latent=2, hidden=(8,)).fit(x)
+    rows = detector._examples(x, reset=False)
+    fit = anomaly.fit_latent(detector.model_, rows)
+    model = copy.deepcopy(detector.model_).to("cpu", torch.float64)
+    expected = -anomaly.scores(model, rows.double(), "latent", latent=fit).numpy()
+    np.testing.assert_array_equal(detector.score_samples(x), expected)
+    run = detector.save(tmp_path / "detector")
+    again = AnomalyDetector.load(run.dir)
+    np.testing.assert_array_equal(again.score_samples(x), detector.score_samples(x))
+    assert again.fingerprint_ == detector.fingerprint_ and re.fullmatch(r"[0-9a-f]{64}", again.fingerprint_)
+    with pytest.raises(vaekit.VaekitError, match=rf"^{re.escape(str(run.dir))} already holds a run; save the "
+                       "detector elsewhere$"):  # fmt: skip
+        detector.save(run.dir)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_detector_scores_on_the_cpu_in_float64_wherever_it_was_fitted(device):
+    """A detector fitted on a GPU scores as the same network in float64 on the CPU does."""
+    x = _table(60)
+    detector = AnomalyDetector("elbo", 0.1, k=5, epochs=2, latent=2, hidden=(8,), device=device).fit(x)
+    assert detector.model_.device.type == device
+    model = copy.deepcopy(detector.model_).to("cpu", torch.float64)
+    expected = -anomaly.scores(model, detector._examples(x, reset=False).double(), "elbo", k=5, seed=0).numpy()
+    np.testing.assert_array_equal(detector.score_samples(x), expected)
