@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_binarized_mnist_reads_plain_and_gzipped_amat_files(tmp_path):
         x = data.split(split).x
         assert x.shape == (len(bits), 1, 28, 28)
         np.testing.assert_array_equal(x.numpy().reshape(len(bits), 784), bits.astype(np.float32))
+    with pytest.raises(VaekitError, match="^data 'binarized-mnist' has its own validation split; leave data.validation "
+                       "at 0$"):  # fmt: skip
+        load_data(DataConfig(name="binarized-mnist", root=str(tmp_path), download=False, validation=2))
 
 
 def test_binarized_mnist_rejects_a_line_of_783_values(tmp_path):
@@ -144,7 +148,11 @@ def test_binarized_mnist_missing_files_without_download(tmp_path):
     """Missing .amat files with download off raise VaekitError naming the folder to fill."""
     with pytest.raises(VaekitError) as err:
         load_data(DataConfig(name="binarized-mnist", root=str(tmp_path), download=False))
-    assert str(tmp_path / "binarized_mnist") in str(err.value)
+    folder = tmp_path / "binarized_mnist"
+    assert str(err.value) == (
+        f"binarized_mnist_train.amat (or binarized_mnist_train.amat.gz) not found in {folder}; download is switched "
+        "off, so put the Larochelle binarized MNIST files there, or train with --data-dir pointing to their parent"
+    )
 
 
 # ---------------------------------------------------------------- .npy and .npz arrays
@@ -607,3 +615,36 @@ def test_missing_files_are_downloaded_into_the_data_root_when_download_is_on(tmp
     assert str(refused.value) == f"could not download binarized_mnist_train.amat into {folder}: no network here"
     assert fetched == [(vaekit.data.BINARIZED_MNIST_URL + "binarized_mnist_train.amat", str(folder),
                         "binarized_mnist_train.amat")]  # fmt: skip
+
+
+def test_validation_takes_all_but_at_least_one_training_example(tmp_path):
+    """data.validation may hold out every training example but one; all of them is refused, saying how many there
+    are."""
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(2).random((10, 3), dtype=np.float32))  # 8 training, 2 test examples
+    data = load_data(DataConfig(name=str(path), validation=7))
+    assert len(data.split("train").x) == 1 and len(data.split("valid").x) == 7
+    with pytest.raises(VaekitError, match=r"^data.validation = 8 leaves no training examples \(the training split "
+                       r"has 8\)$"):  # fmt: skip
+        load_data(DataConfig(name=str(path), validation=8))
+
+
+def test_a_memory_mapped_file_is_read_where_it_lies(tmp_path):
+    """Mapped, the examples are the file's own pages: what is written into the file afterwards is what training
+    reads; a mapped file that does not exist is named."""
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((10, 3), dtype=np.float32))
+    data = load_data(DataConfig(name=str(path), memory_map="on"))
+    file = np.load(path, mmap_mode="r+")
+    file[0, 1] = 0.5
+    file.flush()
+    assert data.split("train").x[0, 1] == 0.5
+    with pytest.raises(VaekitError, match=f"^data file not found: {re.escape(str(tmp_path / 'gone.npy'))}$"):
+        load_data(DataConfig(name=str(tmp_path / "gone.npy"), memory_map="on"))
+
+
+def test_channels_first_images_three_wide_stay_channels_first(tmp_path):
+    """An (N, 1, H, 3) array is one-channel images three pixels wide, not channels-last: its shape is kept."""
+    path = tmp_path / "narrow.npy"
+    np.save(path, np.random.default_rng(4).random((10, 1, 8, 3), dtype=np.float32))
+    assert load_data(DataConfig(name=str(path))).shape == (1, 8, 3)
