@@ -327,3 +327,19 @@ def test_a_step_on_a_part_of_a_batch_computes_those_rows_of_the_whole_batch(digi
     loss, made = step(x[rows], 1.0, Part(rows, len(x)))
     assert made
     torch.testing.assert_close(loss, whole[rows].sum())
+
+
+def test_the_module_that_several_processes_wrap_computes_the_objective_of_their_part(digits):
+    """The summed objective as a module, which DistributedDataParallel wraps, computes what the step's objective does
+    for the same part of a batch and the same KL weight."""
+    from vaekit.step import _Summed
+
+    model, _, step = _model_and_step()
+    x, rows = digits.split("train").x[:16], torch.tensor([1, 2, 9])
+    module = _Summed(model, step.eager)
+    assert list(module.parameters()) == list(model.parameters())
+    for beta in (0.3, 1.0):
+        torch.manual_seed(5)
+        expected = step.eager(x[rows], beta, Part(rows, len(x)))
+        torch.manual_seed(5)
+        assert torch.equal(module(x[rows], beta, Part(rows, len(x))), expected)

@@ -255,12 +255,22 @@ def test_a_second_signal_stops_at_once_naming_the_run_to_resume(tmp_path):
     with _Signals(tmp_path, Progress()) as signals:
         signal.raise_signal(signal.SIGTERM)
         assert signals.received == signal.SIGTERM
+        # A single process acts on it after the step it came in, not only where several processes would agree.
+        assert signals.poll(agree=False) == signal.SIGTERM
         with pytest.raises(Interrupted) as stopped:
             signal.raise_signal(signal.SIGTERM)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert str(stopped.value) == (
         f"SIGTERM: a second signal: stopped at once; continue with: vaekit train --resume {tmp_path}"
     )
+    saved = tmp_path / "checkpoints" / "step-0000000030.safetensors"
+    for progress, where in [
+        (Progress(epoch=1, step=7), "in epoch 2 after step 7"),
+        (Progress(epoch=3), "after epoch 3"),
+    ]:
+        assert str(Interrupted(signal.SIGINT, tmp_path, saved, progress)) == (
+            f"SIGINT: training stopped {where} and saved {saved}; continue with: vaekit train --resume {tmp_path}"
+        )
 
 
 def test_a_run_resumed_mid_epoch_shows_its_bar_from_the_step_it_resumes_at(digits, tmp_path, monkeypatch):
