@@ -5,6 +5,7 @@ import errno
 import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
 import re
@@ -91,8 +92,16 @@ def test_rate_follows_the_elbo_and_the_initial_bits_are_reported(binary, tmp_pat
     """The payload is within 1% of the model's -ELBO plus the initial bits, and starting the chain costs about one
     example's latents (at most precision bits per latent dimension, with room for a few wide posteriors)."""
     data, run = binary
+    torch.manual_seed(1)
     r = vaekit.compress(run, data, tmp_path / "d.vkz", precision=12, report=True)
     assert r["examples"] == len(DIGITS) and r["dims"] == DIGITS.size
+    torch.manual_seed(2)  # the -ELBO draws from its own seed: the same figure whatever the global random state
+    again = vaekit.compress(run, data, tmp_path / "e.vkz", report=True)
+    assert again["neg_elbo_bits_per_dim"] == r["neg_elbo_bits_per_dim"]
+    # xz at its strongest setting, credited with the smaller of one byte per pixel and eight pixels per byte.
+    pixels = (DIGITS >= 8).astype(np.uint8)
+    xz = min(len(lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)) for b in (pixels.tobytes(), np.packbits(pixels)))
+    assert r["codecs"]["xz -9e (LZMA)"] == 8 * xz / DIGITS.size
     expected = r["neg_elbo_bits_per_dim"] + r["initial_bits"] / r["dims"]
     assert abs(r["payload_bits_per_dim"] - expected) < 0.01 * expected, r
     assert 0 < r["initial_bits"] <= 2 * 12 * 8 + 64
@@ -117,9 +126,11 @@ def test_rate_follows_the_elbo_and_the_initial_bits_are_reported(binary, tmp_pat
 
 @pytest.mark.parametrize("likelihood,levels,dtype", [("bernoulli", 2, np.bool_), ("bernoulli", 2, np.float32),
                                                      ("logistic-mixture", 256, np.uint8),
-                                                     ("logistic-mixture", 256, np.int64)])  # fmt: skip
+                                                     ("logistic-mixture", 256, np.int64),
+                                                     ("logistic-mixture", 256, np.float64)])  # fmt: skip
 def test_random_arrays_round_trip_in_their_dtype_and_shape(likelihood, levels, dtype, tmp_path):
-    """Noise, the hardest case for a model, still comes back exactly, in the array's own dtype and layout."""
+    """Noise, the hardest case for a model, still comes back exactly, in the array's own dtype and layout (floats
+    holding whole levels 0 to 255 included)."""
     run = _untrained(tmp_path / "run", (1, 5, 4), likelihood)
     values = np.random.default_rng(0).integers(0, levels, size=(257, 5, 4)).astype(dtype)
     np.save(tmp_path / "x.npy", values)
@@ -194,14 +205,15 @@ def test_image_folder_round_trip_keeps_names_and_pixels(grey, tmp_path, capsys):
         names.append(name)
     code, _, err = run_cli(["compress", run, source, "-o", tmp_path / "scans.vkz", "-q"], capsys)
     assert code == 0, err
-    code, _, err = run_cli(["decompress", tmp_path / "scans.vkz", "--run", run, "-o", tmp_path / "out", "-q"], capsys)
+    out = tmp_path / "new" / "folders" / "out"  # made with the folders above it
+    code, _, err = run_cli(["decompress", tmp_path / "scans.vkz", "--run", run, "-o", out, "-q"], capsys)
     assert code == 0, err
-    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == sorted(names)
     for name in names:
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / name)), np.asarray(Image.open(source / name)))
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(source / name)))
     # Decompressing again into the now full folder is refused rather than mixing two outputs.
-    code, _, err = run_cli(["decompress", tmp_path / "scans.vkz", "--run", run, "-o", tmp_path / "out"], capsys)
+    code, _, err = run_cli(["decompress", tmp_path / "scans.vkz", "--run", run, "-o", out], capsys)
     assert_one_line_error(code, err)
 
 
@@ -244,6 +256,7 @@ def _corrupted(path: Path, tmp_path: Path) -> dict[str, Path]:
     middle = len(raw) - 32 - 4 * header["codec"]["words"] // 2
     versions = {
         "truncated": raw[: len(raw) // 2],
+        "truncated in its header": raw[:20],
         "truncated by a byte": raw[:-1],
         "flipped payload byte": raw[:middle] + bytes([raw[middle] ^ 0x10]) + raw[middle + 1 :],
         "flipped header byte": raw[:40] + bytes([raw[40] ^ 0x01]) + raw[41:],
@@ -260,7 +273,11 @@ def test_damaged_files_and_the_wrong_model_are_one_line_errors_with_no_output(bi
     output file."""
     data, run = binary
     assert run_cli(["compress", run, data, "-o", tmp_path / "good.vkz", "-q"], capsys)[0] == 0
-    cases = {name: ([path, "--run", run], "") for name, path in _corrupted(tmp_path / "good.vkz", tmp_path).items()}
+    says = {"truncated in its header": "is truncated: 20 bytes, shorter than its", "not a vkz file": "is not a vaekit "
+            "compressed file (.vkz)", "empty": "is not a vaekit compressed file (.vkz)"}  # fmt: skip
+    checksum = "is corrupt or truncated: its checksum does not match its contents"
+    cases = {name: ([path, "--run", run], says.get(name, checksum))
+             for name, path in _corrupted(tmp_path / "good.vkz", tmp_path).items()}  # fmt: skip
     cases["another model"] = ([tmp_path / "good.vkz", "--run", grey[1]], "another model")
     for name, (argv, says) in cases.items():
         out = tmp_path / f"out-{name}.npy"
@@ -388,6 +405,9 @@ def test_crafted_headers_are_one_line_errors_with_no_output(binary, grey, tmp_pa
                              ": the file name 'a\\x07.png' cannot be written back\n"),
         "no coding steps": (binary, _edit(codec={"batches": []}), ": the header has no coding steps\n"),
         "other levels": (binary, _edit(codec={"levels": 3}), ": the codec settings do not fit this model\n"),
+        "no seed word skipped": (binary, _edit(codec={"seed_skipped": 0}), "does not decode to the original data"),
+        "another coder": (binary, _edit(codec={"method": "rANS"}), ": the data were coded by 'rANS', which this vaekit "
+                          "does not decode\n"),
     }  # fmt: skip
     for name, ((_, model_run), change, says) in cases.items():
         source = tmp_path / ("folder.vkz" if model_run == grey[1] else "good.vkz")
@@ -397,6 +417,13 @@ def test_crafted_headers_are_one_line_errors_with_no_output(binary, grey, tmp_pa
         assert_one_line_error(code, err)
         assert says in err, (name, err)
         assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.png").exists(), name
+    # A header and its checksum with no coded words: whole, but its counts are those of a longer file.
+    raw = (tmp_path / "good.vkz").read_bytes()
+    body = raw[: 14 + int.from_bytes(raw[10:14], "little")]
+    (tmp_path / "no words.vkz").write_bytes(body + hashlib.sha256(body).digest())
+    code, _, err = run_cli(["decompress", tmp_path / "no words.vkz", "--run", run, "-o", tmp_path / "x.npy"], capsys)
+    assert_one_line_error(code, err)
+    assert err.endswith("has an invalid header: the header's counts do not match the file\n"), err
 
 
 def test_folders_whose_names_would_collide_are_refused(grey, tmp_path, capsys):
@@ -556,3 +583,15 @@ def test_a_seed_too_short_for_the_first_latents_is_one_clear_error(monkeypatch):
     with pytest.raises(vaekit.VaekitError, match=r"^the seed of the bits-back chain ran out \(posteriors wider than "
                        r"the prior\): lower --precision$"):  # fmt: skip
         codec.encode(model, levels)
+
+
+def test_a_coding_step_may_hold_one_example_and_no_fewer(tmp_path):
+    """batch_size = 1 codes an example per step and comes back exactly; 0 is refused in one line."""
+    run = _untrained(tmp_path / "run", (1, 5, 4), "bernoulli")
+    values = np.random.default_rng(1).integers(0, 2, size=(3, 5, 4)).astype(np.uint8)
+    vaekit.compress(run, values, tmp_path / "x.vkz", batch_size=1)
+    raw = (tmp_path / "x.vkz").read_bytes()
+    assert json.loads(raw[14 : 14 + int.from_bytes(raw[10:14], "little")])["codec"]["batches"] == [1, 1, 1]
+    assert np.array_equal(vaekit.decompress(tmp_path / "x.vkz", run, tmp_path / "y.npy"), values)
+    with pytest.raises(vaekit.VaekitError, match="^the batch size must be at least 1, got 0$"):
+        vaekit.compress(run, values, tmp_path / "z.vkz", batch_size=0)

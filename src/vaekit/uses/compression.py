@@ -37,6 +37,7 @@ from . import codec
 
 MAGIC = b"\x89VKZ\r\n\x1a\n"  # as PNG's: a non-ASCII first byte, and line endings that a text transfer would mangle
 VERSION = 1
+METHOD = "bits-back ANS (constriction AnsCoder, 32-bit words, 24-bit probabilities)"  # the only coder this reads
 SPLITS = ("train", "valid", "test")
 _PREFIX = struct.Struct("<HI")  # version, header length
 
@@ -277,7 +278,7 @@ def compress(
         "model": {"sha256": model_fingerprint(run), "likelihood": run.model.config.likelihood,
                   "latent": run.model.config.latent, "shape": list(run.model.shape)},
         "data": form,
-        "codec": {"method": "bits-back ANS (constriction AnsCoder, 32-bit words, 24-bit probabilities)",
+        "codec": {"method": METHOD,
                   "precision": precision, "levels": likelihood.levels, "grid": codec.GRID, "count": coded.count,
                   "batches": coded.batches, "seed_words": coded.seed, "seed_skipped": coded.seed_skipped,
                   "words": len(coded.words)},
@@ -331,6 +332,8 @@ def _check_header(header: Any, words: np.ndarray, model: VAE) -> tuple[codec.Cod
     if not isinstance(header, dict) or not all(isinstance(header.get(k), dict) for k in ("model", "data", "codec")):
         raise VaekitError("the header lacks its model, data or codec part")
     form, c, levels = header["data"], header["codec"], codec.check_model(model).levels
+    if c.get("method") != METHOD:
+        raise VaekitError(f"the data were coded by {c.get('method')!r}, which this vaekit does not decode")
     precision = _integer(c.get("precision"), 2, codec.MAX_PRECISION, "the precision")
     seed = _integer(c.get("seed_words"), 1, 1 << 30, "the seed size")
     if seed != codec.seed_size(model.config.latent, precision) or c.get("levels") != levels:
