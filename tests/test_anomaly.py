@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def eights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VAE trained on the digit 8 alone (134 of digits' 1437 training images), Gaussian likelihood."""
+    """A VAE trained on the digit 8 alone (134 of digits' 1438 training images), Gaussian likelihood."""
     out = tmp_path_factory.mktemp("oneclass") / "eights"
     vaekit.train("digits", out, epochs=150, latent=4, likelihood="gaussian", verbose=False, **{"data.classes": [8]})
     return out
@@ -443,3 +443,38 @@ def test_detector_scores_on_the_cpu_in_float64_wherever_it_was_fitted(device):
     model = copy.deepcopy(detector.model_).to("cpu", torch.float64)
     expected = -anomaly.scores(model, detector._examples(x, reset=False).double(), "elbo", k=5, seed=0).numpy()
     np.testing.assert_array_equal(detector.score_samples(x), expected)
+
+
+def test_calibration_records_what_it_used_and_other_data_are_scored_whole(tmp_path):
+    """A calibration's threshold comes from its own seed's scores and is saved with the false-alarm rate asked for;
+    identical normal examples all stay below it; data from elsewhere are scored whole (none held out for
+    validation) and must have the model's shape; weights gone since the run was opened are named."""
+    run = vaekit.open_run(vaekit.train("digits", tmp_path / "run", epochs=1, verbose=False,
+                                       **{"data.validation": 100}).dir)  # fmt: skip
+    calibration = anomaly.calibrate(run, score="elbo", k=3, seed=5, fpr=0.2, device="cpu")
+    normal = anomaly.scores(run.model, run.examples("valid").x, "elbo", k=3, seed=5)
+    assert calibration["threshold"] == anomaly.threshold_at(normal, 0.2)
+    assert json.loads(run.path("anomaly").read_text())["fpr"] == 0.2
+    np.save(tmp_path / "same.npy", np.repeat(run.examples("test").x[:1].numpy(), 10, axis=0))
+    same = anomaly.calibrate(run, data=tmp_path / "same.npy", score="recon", fpr=0.2, device="cpu")
+    assert same["false_alarms"] == 0 and not anomaly.score_run(run, data=tmp_path / "same.npy")[1].any()
+    values, _, _ = anomaly.score_run(run, data="digits", split="train", device="cpu")
+    assert len(values) == 1797 - 359  # all of digits' training examples (the test split is 20%), none held out
+    np.save(tmp_path / "rows.npy", np.zeros((4, 9), np.float32))
+    with pytest.raises(vaekit.VaekitError, match=re.escape(f"{tmp_path / 'rows.npy'} has examples of shape (9,), but "
+                                                           "the model was trained on (1, 8, 8)") + "$"):  # fmt: skip
+        anomaly.score_run(run, data=tmp_path / "rows.npy")
+    run.path("weights").unlink()
+    with pytest.raises(vaekit.VaekitError, match=re.escape(f"cannot read {run.path('weights')}: No such file or "
+                                                           "directory") + "$"):  # fmt: skip
+        anomaly.calibrate(run, score="recon", device="cpu")
+
+
+def test_a_threshold_lies_off_every_normal_score():
+    """With no normal score allowed above it, the threshold lies above the highest by half the gap below that one;
+    the false-alarm rate must lie strictly between 0 and 1."""
+    assert anomaly.threshold_at(torch.tensor([3.0, 1.0]), 0.1) == 4.0
+    assert anomaly.threshold_at(torch.tensor([3.0, 1.0, 2.0, 7.0]), 0.25) == 5.0
+    for fpr in (0.0, 1.0):
+        with pytest.raises(vaekit.VaekitError, match=f"^the false-alarm rate must lie between 0 and 1, got {fpr}$"):
+            anomaly.threshold_at(torch.tensor([1.0, 2.0]), fpr)

@@ -1,7 +1,7 @@
 """Several processes training together (torchrun, DistributedDataParallel over gloo on this CPU): the same updates
 as one process, one run directory, exact resuming after SIGKILL, SIGTERM to one process, other process counts.
 
-Every run is real training on scikit-learn's digits (1437 training examples, 23 steps per epoch at batch 64), in
+Every run is real training on scikit-learn's digits (1438 training examples, 23 steps per epoch at batch 64), in
 real processes started as a user starts them: `torchrun` (as `python -m torch.distributed.run`), or, where a test
 must signal one process of several, the two processes with the environment torchrun would give them.
 """

@@ -1,6 +1,6 @@
 """Long runs: checkpoints, exact resuming after SIGKILL/SIGTERM/SIGINT, early stopping, non-finite steps, no pickles.
 
-Every run here is real training on scikit-learn's digits (1437 training examples, 23 steps per epoch at batch 64).
+Every run here is real training on scikit-learn's digits (1438 training examples, 23 steps per epoch at batch 64).
 Killed and reference runs are real `python -m vaekit` processes, run side by side where they are independent; each
 process gets one torch thread (OMP_NUM_THREADS=1), so that on a small machine they do not wait on each other's
 threads. Every comparison is between runs made with the same settings and thread count: no loss value is hard-coded.
@@ -37,7 +37,7 @@ from vaekit.model import mean_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STEPS_PER_EPOCH = 23  # ceil(1437 / 64)
+STEPS_PER_EPOCH = 23  # ceil(1438 / 64)
 EPOCHS, EVERY = 40, 5  # the killed runs: 920 steps, a checkpoint every 5 steps and at each epoch's end
 TOTAL = EPOCHS * STEPS_PER_EPOCH
 TRAIN = ["train", "--epochs", str(EPOCHS), "--no-plots", "-q", "--set", f"train.checkpoint_every={EVERY}"]
