@@ -14,6 +14,7 @@ from PIL import Image
 
 import vaekit
 from vaekit import DataConfig, VaekitError, load_data
+from vaekit.data import Split, _split
 
 N_DIGITS = 1797  # the size of scikit-learn's bundled digits data set
 
@@ -648,3 +649,14 @@ def test_channels_first_images_three_wide_stay_channels_first(tmp_path):
     path = tmp_path / "narrow.npy"
     np.save(path, np.random.default_rng(4).random((10, 1, 8, 3), dtype=np.float32))
     assert load_data(DataConfig(name=str(path))).shape == (1, 8, 3)
+
+
+def test_a_split_leaves_at_least_one_training_example():
+    """Two examples split into one for training and one for testing; a test fraction that would take every example
+    for testing is refused, saying so."""
+    x = torch.rand(2, 3)
+    splits = _split(Split(x), 0.5)
+    assert len(splits["train"].x) == len(splits["test"].x) == 1
+    with pytest.raises(VaekitError, match=r"^3 examples with test_fraction 0.9 leave none for training; lower "
+                       r"data.test_fraction$"):  # fmt: skip
+        _split(Split(torch.rand(3, 3)), 0.9)

@@ -218,3 +218,20 @@ def test_a_run_on_a_data_file_moved_with_it_resumes_with_data_dir(tmp_path, caps
     np.save(moved / "x.npy", np.random.default_rng(1).random((40, 6), dtype=np.float32))
     code, _, err = run_cli([*resume, "3"], capsys)
     assert_one_line_error(code, err)
+
+
+def test_only_the_same_file_name_in_another_absolute_folder_counts_as_moved():
+    """A checkpoint's data path is taken as moved (and the old path compared instead) only for a file of the same
+    name now in another folder, given as an absolute path; a renamed file, a relative path or the same path are not;
+    and every key of either side is compared, those only the checkpoint has too."""
+    from vaekit.checkpoint import _difference, _unmoved
+
+    def data(name: object) -> dict:
+        return {"settings": {"data": {"name": name}}}
+
+    assert _unmoved(data("/new/x.npy"), data("/old/x.npy")) == data("/old/x.npy")
+    for then, now in [("/old/y.npy", "/new/x.npy"), ("/old/x.npy", "x.npy"), ("/new/x.npy", "/new/x.npy"), (3, "/x")]:
+        assert _unmoved(data(now), data(then)) == data(now)
+    assert _difference({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}) == "b.c (3 then, 2 now)"
+    assert _difference({"a": 1}, {"a": 1, "d": 4}) == "d (4 then, None now)"
+    assert _difference({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2}}) is None
