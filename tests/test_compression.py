@@ -4,6 +4,7 @@ model's -ELBO; the file format's checks; models that cannot code."""
 import errno
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import lzma
 import math
@@ -112,6 +113,10 @@ def test_rate_follows_the_elbo_and_the_initial_bits_are_reported(binary, tmp_pat
     model = json.loads(raw[14 : 14 + int.from_bytes(raw[10:14], "little")])["model"]
     opened = vaekit.open_run(run)
     assert set(model) == {"sha256", "likelihood", "latent", "shape"} and re.fullmatch("[0-9a-f]{64}", model["sha256"])
+    # And what computed its probability tables, as the README lists it.
+    environment = json.loads(raw[14 : 14 + int.from_bytes(raw[10:14], "little")])["environment"]
+    assert environment == {"torch": torch.__version__, "constriction": importlib.metadata.version("constriction"),
+                           "cpu": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
     assert (model["likelihood"], model["latent"], model["shape"]) == (
         "bernoulli",
         opened.config.model.latent,
@@ -410,6 +415,8 @@ def test_crafted_headers_are_one_line_errors_with_no_output(binary, grey, tmp_pa
         "no coding steps": (binary, _edit(codec={"batches": []}), ": the header has no coding steps\n"),
         "other levels": (binary, _edit(codec={"levels": 3}), ": the codec settings do not fit this model\n"),
         "no seed word skipped": (binary, _edit(codec={"seed_skipped": 0}), "does not decode to the original data"),
+        "no data checksum": (binary, _edit(data={"sha256": None}), ": the header has no checksum of the data\n"),
+        "names not a list": (grey, _edit(data={"names": 7}), ": the header names 0 files for 3 images\n"),
         "another coder": (binary, _edit(codec={"method": "rANS"}), ": the data were coded by 'rANS', which this vaekit "
                           "does not decode\n"),
     }  # fmt: skip
@@ -635,3 +642,40 @@ def test_a_model_on_any_device_codes_on_the_cpu_in_float64(device):
     """The coder copies the model to the CPU in float64 wherever it lives: the words are those of the CPU model."""
     model, levels, coded = _coded_digits(10)
     assert np.array_equal(codec.encode(model.to(device), levels)[0].words, coded.words)
+
+
+def test_image_folders_need_a_square_image_model_with_their_size(tmp_path, capsys):
+    """An image folder is coded only by a model of square images of its size: a model of other examples, of
+    non-square images or of another size is refused in one line; black-and-white images suit a binary model."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(DIGITS[:4]):
+        Image.fromarray(np.where(image >= 8, 255, 0).astype(np.uint8)).save(folder / f"{i}.png")
+    binary = _untrained(tmp_path / "binary", (1, 8, 8), "bernoulli")
+    assert run_cli(["compress", binary, folder, "-o", tmp_path / "bw.vkz", "-q"], capsys)[0] == 0
+    assert run_cli(["decompress", tmp_path / "bw.vkz", "--run", binary, "-o", tmp_path / "back", "-q"], capsys)[0] == 0
+    for i in range(4):
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "back" / f"{i}.png")), np.asarray(Image.open(folder / f"{i}.png"))
+        )
+    for shape in [(64,), (1, 8, 6), (2, 8, 8), (1, 9, 9)]:
+        run = _untrained(tmp_path / "-".join(map(str, shape)), shape, "bernoulli")
+        code, _, err = run_cli(["compress", run, folder, "-o", tmp_path / "x.vkz", "-q"], capsys)
+        assert_one_line_error(code, err)
+        says = (f"{folder / '0.png'} is a 8x8 L image; this takes 9x9 grey 8-bit images as they are, with no resizing "
+                "or conversion" if shape[-1] == 9 else f"{folder} is an image folder, but the model takes examples of "
+                f"shape {shape}")  # fmt: skip
+        assert err == f"vaekit: error: {says}\n" and not (tmp_path / "x.vkz").exists()
+
+
+def test_rows_code_with_a_model_of_rows_and_the_standard_codecs_are_in_bits_per_value(tmp_path):
+    """A table of binary rows (N, D) round-trips through a model of rows; the rates the report sets beside it are bits
+    per value, which for 8-bit images lie between 0 and 8."""
+    run = _untrained(tmp_path / "run", (20,), "bernoulli")
+    rows = np.random.default_rng(3).integers(0, 2, size=(30, 20)).astype(np.uint8)
+    vaekit.compress(run, rows, tmp_path / "rows.vkz")
+    assert np.array_equal(vaekit.decompress(tmp_path / "rows.vkz", run, tmp_path / "rows.npy"), rows)
+    grey = _untrained(tmp_path / "grey", (1, 8, 8), "logistic-mixture")
+    codecs = vaekit.compress(grey, DIGITS[:200] * 15, tmp_path / "grey.vkz", report=True)["codecs"]
+    assert set(codecs) == {"gzip -9", "bzip2 -9", "xz -9e (LZMA)", "PNG (optimised)"}
+    assert all(0.5 < rate < 8 for rate in codecs.values()), codecs

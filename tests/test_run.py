@@ -235,3 +235,15 @@ def test_only_the_same_file_name_in_another_absolute_folder_counts_as_moved():
     assert _difference({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}) == "b.c (3 then, 2 now)"
     assert _difference({"a": 1}, {"a": 1, "d": 4}) == "d (4 then, None now)"
     assert _difference({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2}}) is None
+
+
+def test_a_safetensors_file_without_vaekit_metadata_is_not_a_checkpoint(tmp_path):
+    """A valid safetensors file with no vaekit metadata (a model's weights, say) is named as not a checkpoint."""
+    from safetensors.torch import save_file
+
+    from vaekit.checkpoint import _read
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(vaekit.VaekitError, match=f"^{tmp_path / 'weights.safetensors'} is a safetensors file but "
+                       "not a vaekit checkpoint$"):  # fmt: skip
+        _read(tmp_path / "weights.safetensors")
