@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, Terminal, assert_one_line_error, run_cli
-from sklearn.datasets import load_breast_cancer
+from PIL import Image
+from sklearn.datasets import load_breast_cancer, load_digits
 
 import vaekit
 from vaekit.optim import pick_device
@@ -23,6 +24,8 @@ from vaekit.uses import anomaly
 from vaekit.uses.detector import AnomalyDetector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+DIGIT_IMAGES = load_digits().images  # 8x8, values 0 to 16
 
 
 # ---------------------------------------------------------------- one-class digits
@@ -478,3 +481,25 @@ def test_a_threshold_lies_off_every_normal_score():
     for fpr in (0.0, 1.0):
         with pytest.raises(vaekit.VaekitError, match=f"^the false-alarm rate must lie between 0 and 1, got {fpr}$"):
             anomaly.threshold_at(torch.tensor([1.0, 2.0]), fpr)
+
+
+def test_a_calibrated_report_gives_the_rates_at_its_threshold_and_folders_are_scored_by_file(eights, tmp_path):
+    """Once calibrated, a report adds the threshold and the detection and false-alarm rates at it, as the flags of
+    scoring the same split give them; a folder of images at the model's size (though the run was trained on a
+    built-in set) is scored, and its score file names each image's file."""
+    run = shutil.copytree(eights, tmp_path / "run")
+    calibration = anomaly.calibrate(run, score="recon", fpr=0.1, device="cpu")
+    summary = anomaly.report(run, device="cpu")
+    _, flags, _ = anomaly.score_run(run, device="cpu")
+    anomalous = vaekit.open_run(run).examples("test").y != 8
+    assert summary["threshold"] == calibration["threshold"]
+    assert summary["tpr"] == flags[anomalous].double().mean().item()
+    assert summary["fpr"] == flags[~anomalous].double().mean().item()
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(DIGIT_IMAGES[:3]):
+        Image.fromarray((image * 15).astype(np.uint8)).save(folder / f"{i}.png")
+    anomaly.score_run(run, data=folder, out=tmp_path / "scores.csv", device="cpu")
+    lines = (tmp_path / "scores.csv").read_text().splitlines()
+    assert lines[0] == "file,score,anomalous"
+    assert [line.split(",")[0] for line in lines[1:]] == ["0.png", "1.png", "2.png"]

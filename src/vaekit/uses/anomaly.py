@@ -169,7 +169,11 @@ def _examples(run: Run, data: str | Path | None, split: str | None) -> tuple[Spl
     if data is None:
         split = split or ("valid" if "valid" in run.data.splits else "test")
         return run.examples(split), f"the {split} split of {run.config.data.name}", run.data.label_names
+    # A folder's images are read at the model's size and channels, whatever data the run was trained on.
     cfg = replace(run.config.data, name=str(data), classes=[], validation=0)
+    shape = run.model.shape
+    if len(shape) == 3 and shape[1] == shape[2]:
+        cfg = replace(cfg, channels=shape[0], image_size=shape[1])
     examples, label_names = load_examples(cfg, split or "test", run.scaler)
     run.check_shape(examples.x, f"{data} has examples")
     return examples, str(data), label_names
