@@ -53,11 +53,6 @@ def changed(base: str) -> list[str]:
     return [f for f in core_files() if f in touched]
 
 
-def file_of(name: str, files: list[str]) -> str:
-    """The core module file a mutant belongs to."""
-    return max((f for f in files if name.startswith(module(f) + ".")), key=len)
-
-
 def left_out() -> dict[str, str]:
     """The mutants left out of the score with their reasons: the equivalent ones, and those only a GPU tells apart
     when this machine has none."""
