@@ -458,6 +458,8 @@ def test_calibration_records_what_it_used_and_other_data_are_scored_whole(tmp_pa
     normal = anomaly.scores(run.model, run.examples("valid").x, "elbo", k=3, seed=5)
     assert calibration["threshold"] == anomaly.threshold_at(normal, 0.2)
     assert json.loads(run.path("anomaly").read_text())["fpr"] == 0.2
+    on_train = anomaly.calibrate(run, split="train", score="recon", device="cpu")["normal_data"]
+    assert on_train["data"] == "the train split of digits" and on_train["examples"] == len(run.examples("train").x)
     np.save(tmp_path / "same.npy", np.repeat(run.examples("test").x[:1].numpy(), 10, axis=0))
     same = anomaly.calibrate(run, data=tmp_path / "same.npy", score="recon", fpr=0.2, device="cpu")
     assert same["false_alarms"] == 0 and not anomaly.score_run(run, data=tmp_path / "same.npy")[1].any()
@@ -475,18 +477,23 @@ def test_calibration_records_what_it_used_and_other_data_are_scored_whole(tmp_pa
 
 def test_a_threshold_lies_off_every_normal_score():
     """With no normal score allowed above it, the threshold lies above the highest by half the gap below that one;
-    the false-alarm rate must lie strictly between 0 and 1."""
+    the false-alarm rate must lie strictly between 0 and 1; measuring needs labels of both kinds."""
     assert anomaly.threshold_at(torch.tensor([3.0, 1.0]), 0.1) == 4.0
     assert anomaly.threshold_at(torch.tensor([3.0, 1.0, 2.0, 7.0]), 0.25) == 5.0
     for fpr in (0.0, 1.0):
         with pytest.raises(vaekit.VaekitError, match=f"^the false-alarm rate must lie between 0 and 1, got {fpr}$"):
             anomaly.threshold_at(torch.tensor([1.0, 2.0]), fpr)
+    for labels in ([False, False, False], [True, True, True]):
+        with pytest.raises(
+            vaekit.VaekitError, match="^metrics need both normal and anomalous examples among the labels$"
+        ):
+            anomaly.metrics(torch.tensor([1.0, 2.0, 3.0]), torch.tensor(labels))
 
 
 def test_a_calibrated_report_gives_the_rates_at_its_threshold_and_folders_are_scored_by_file(eights, tmp_path):
     """Once calibrated, a report adds the threshold and the detection and false-alarm rates at it, as the flags of
-    scoring the same split give them; a folder of images at the model's size (though the run was trained on a
-    built-in set) is scored, and its score file names each image's file."""
+    scoring the same split give them; a folder of RGB images at the model's size is scored as the model's grey
+    images (though the run was trained on a built-in set), and its score file names each image's file."""
     run = shutil.copytree(eights, tmp_path / "run")
     calibration = anomaly.calibrate(run, score="recon", fpr=0.1, device="cpu")
     summary = anomaly.report(run, device="cpu")
@@ -498,7 +505,7 @@ def test_a_calibrated_report_gives_the_rates_at_its_threshold_and_folders_are_sc
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, image in enumerate(DIGIT_IMAGES[:3]):
-        Image.fromarray((image * 15).astype(np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray((image * 15).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")  # RGB: made grey
     anomaly.score_run(run, data=folder, out=tmp_path / "scores.csv", device="cpu")
     lines = (tmp_path / "scores.csv").read_text().splitlines()
     assert lines[0] == "file,score,anomalous"

@@ -274,6 +274,65 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_exactly(reference, tmp_
         assert_same_run(ref, run)
 
 
+def test_sigterm_to_this_process_stops_after_its_step_with_a_checkpoint_to_resume(digits, tmp_path):
+    """A SIGTERM during training (here sent by the process to itself once the first checkpoint is written) stops the
+    run after its step with exit code 143, saving a checkpoint of that step and saying how to continue."""
+    run = tmp_path / "run"
+    first = run / "checkpoints" / f"step-{EVERY:010d}.safetensors"
+
+    def signal_after_the_first_checkpoint() -> None:
+        while not first.exists():
+            time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)  # a signal that comes too late must not end pytest
+    try:
+        watcher = threading.Thread(target=signal_after_the_first_checkpoint, daemon=True)
+        watcher.start()
+        with pytest.raises(vaekit.Interrupted) as stopped:
+            vaekit.train("digits", run, epochs=EPOCHS, checkpoint_every=EVERY, **quiet(dataset=digits))
+        watcher.join(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    said = re.fullmatch(rf"SIGTERM: training stopped in epoch (\d+) after step (\d+) and saved (\S+); continue with: "
+                        rf"vaekit train --resume {re.escape(str(run))}", str(stopped.value))  # fmt: skip
+    assert said, str(stopped.value)
+    epoch, step = int(said[1]), int(said[2])
+    assert said[3] == str(run / "checkpoints" / f"step-{(epoch - 1) * STEPS_PER_EPOCH + step:010d}.safetensors")
+    assert Path(said[3]).is_file()
+
+
+def test_sigterm_during_an_epochs_end_stops_after_that_epoch(digits, tmp_path):
+    """A SIGTERM that arrives while the end of an epoch that is not the last is evaluated (here a large test split)
+    stops the run after that epoch, with the epoch's checkpoint."""
+    test = digits.split("test")
+    data = Dataset("digits", {"train": digits.split("train"), "test": Split(test.x.repeat(200, 1, 1, 1), None)})
+    run = tmp_path / "run"
+    last_step = run / "checkpoints" / f"step-{STEPS_PER_EPOCH:010d}.safetensors"  # written at epoch 1's last step
+
+    def signal_during_the_evaluation() -> None:
+        while not last_step.exists():
+            time.sleep(0.0005)
+        time.sleep(0.005)  # evaluating the 71,800 test examples takes far longer
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        watcher = threading.Thread(target=signal_during_the_evaluation, daemon=True)
+        watcher.start()
+        with pytest.raises(vaekit.Interrupted) as stopped:
+            vaekit.train("digits", run, epochs=2, checkpoint_every=STEPS_PER_EPOCH, **quiet(dataset=data))
+        watcher.join(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value) == (
+        f"SIGTERM: training stopped after epoch 1 and saved {last_step}; continue with: vaekit train --resume {run}"
+    )
+    assert [m["epoch"] for m in vaekit.read_metrics(run)] == [1]
+
+
 def test_a_signal_after_the_last_step_does_not_ask_for_a_useless_resume(digits, tmp_path):
     """A SIGTERM that arrives during the last epoch's end (here: while a large test split is evaluated) is no
     interruption: the run finishes, and resuming it is refused like any finished run."""
