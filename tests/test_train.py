@@ -292,3 +292,14 @@ def test_out_naming_a_file_is_refused_saying_so(digits, tmp_path):
         vaekit.train("digits", tmp_path / "notes", epochs=1, dataset=digits, verbose=False)
     assert str(refused.value) == f"--out {tmp_path / 'notes'} is a file, not a directory"
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_train_defaults_to_the_digits_preset_and_applies_overrides_to_a_config(digits, tmp_path):
+    """vaekit.train() with no configuration trains the digits preset; given a Config, its keyword overrides still
+    apply."""
+    run = vaekit.train(out=tmp_path / "default", epochs=1, dataset=digits, verbose=False)
+    assert run.config.preset == "digits" and run.config.data.name == "digits"
+    config = vaekit.make_config("digits")
+    assert config.train.epochs != 2
+    run = vaekit.train(config, tmp_path / "given", epochs=2, dataset=digits, verbose=False)
+    assert run.config.train.epochs == 2 and len(run.metrics) == 2
