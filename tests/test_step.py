@@ -254,11 +254,12 @@ def test_a_compiled_step_that_fails_is_redone_eagerly_and_says_why_in_one_line(d
     step.objective = _failing(message)
     assert step.compiled
     x = digits.split("train").x[:64]
+    part = Part(torch.arange(0, 64, 2), 64)  # a part of a batch, as each of several processes has: redone as a part
     for i in range(2):
         torch.manual_seed(i)  # the posterior draws come from the global generator
-        loss, made = step(x, 1.0)
+        loss, made = step(x[part.rows], 1.0, part)
         torch.manual_seed(i)
-        twin_loss, twin_made = twin(x, 1.0)
+        twin_loss, twin_made = twin(x[part.rows], 1.0, part)
         assert torch.equal(loss, twin_loss) and bool(made) and bool(twin_made)
     assert not step.compiled and said == [f"step eager (torch.compile failed: {detail})"]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
