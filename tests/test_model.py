@@ -113,3 +113,39 @@ def test_the_conv_decoder_mirrors_the_encoders_dense_layers():
         return [layer.out_features for layer in net.modules() if isinstance(layer, torch.nn.Linear)]
 
     assert widths(model.encoder)[:2] == [32, 16] and widths(model.decoder)[:2] == [16, 32]
+
+
+def test_the_likelihood_and_kl_terms_are_float32_under_bfloat16_autocast():
+    """Under bf16 autocast the networks give bfloat16, but log p(x|z) and every KL term are computed in float32 from
+    those outputs: the KL equals the closed form evaluated in float32 on the bfloat16 encoder's mean and log-variance,
+    not its bfloat16 rounding."""
+    from vaekit.model import kl_normal
+
+    torch.manual_seed(4)
+    model = VAE((30,), ModelConfig(hidden=[32], latent=16, likelihood="gaussian"))
+    x = torch.rand(8, 30)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mean, logvar = model.encode(x)
+        log_px, kl = model.terms(x, 2, generator=torch.Generator().manual_seed(0))
+    assert mean.dtype == torch.bfloat16 and log_px.dtype == kl.dtype == torch.float32
+    expected = kl_normal(mean.float(), logvar.float()).expand_as(kl)
+    torch.testing.assert_close(kl, expected, rtol=1e-6, atol=1e-7)
+    assert (kl_normal(mean, logvar).float() != expected).any()  # bfloat16 arithmetic would have given other values
+
+
+def test_common_noise_is_shared_by_both_layers_of_a_two_layer_model():
+    """With common noise every example gets the same draws of z1 and of z2, so an example's log-weights do not depend
+    on the others in its batch: equal examples get equal weights, and an example alone gets what it gets among
+    others. Without it, they differ."""
+    from vaekit.model import log_weights
+
+    torch.manual_seed(5)
+    model = VAE((12,), ModelConfig(hidden=[16], latent=4, hidden2=[8], latent2=2))
+    a, b = torch.rand(2, 1, 12)
+    with torch.no_grad():
+        together = log_weights(model, torch.cat([a, b, a]), 3, generator=torch.Generator().manual_seed(1), common=True)
+        alone = log_weights(model, a, 3, generator=torch.Generator().manual_seed(1), common=True)
+        apart = log_weights(model, torch.cat([a, b, a]), 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(together[:, 0], together[:, 2])
+    torch.testing.assert_close(alone[:, 0], together[:, 0])
+    assert (apart[:, 0] != apart[:, 2]).all()
