@@ -78,6 +78,37 @@ def results(files: list[str]) -> dict[str, dict[str, int | None]]:
     return found
 
 
+def generate() -> None:
+    """Make every core module's mutants and mutmut's map of which tests call which function, running no mutant: what
+    a plain `mutmut run` does before its first mutant, so that a sample can be drawn without a full run first."""
+    import os
+
+    # mutmut 3.8's own steps (mutmut.__main__._run), which it offers no command for.
+    from mutmut.__main__ import (
+        collect_or_load_stats,
+        copy_also_copy_files,
+        copy_src_dir,
+        create_mutants,
+        get_mutant_runner,
+        set_mutant_under_test,
+        setup_source_paths,
+        store_lines_covered_by_tests,
+    )
+
+    os.chdir(ROOT)
+    set_mutant_under_test("mutant_generation")
+    (ROOT / "mutants").mkdir(exist_ok=True)
+    copy_src_dir()
+    copy_also_copy_files()
+    setup_source_paths()
+    store_lines_covered_by_tests()
+    workers = os.cpu_count() or 1
+    create_mutants(workers)
+    print("mapping tests to the functions they call (minutes)", flush=True)
+    collect_or_load_stats(get_mutant_runner(workers), mutants_caught_by_type_checker={}, apply_config_invalidation=True)
+    set_mutant_under_test("")
+
+
 def drawn(f: str, names: list[str], n: int) -> list[str]:
     """The first n mutants of a module in an order shuffled with the module's name as seed: a uniform random sample
     that a larger n extends, whatever the other modules hold."""
@@ -158,8 +189,9 @@ def main() -> int:
         return 0
     if args.sample:
         done = results(files)
-        if not any(done.values()):
-            sys.exit("mutation: --sample draws from the mutants of an earlier run; run once without it first")
+        if not any(done.values()) and not args.report:
+            generate()
+            done = results(files)
         names = [n for f, codes in done.items() for n in drawn(f, list(codes), args.sample) if codes[n] is None]
     elif args.survivors:
         done, skip = results(files), left_out()
