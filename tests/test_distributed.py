@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.datasets import load_digits
 
 pytestmark = pytest.mark.heavy
 
@@ -190,6 +192,30 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint_that_one_process_re
     assert_close(losses(run), losses(uninterrupted[2]), RTOL)
     a, b = load_file(run / "model.safetensors"), load_file(uninterrupted[2] / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_sigterm_during_an_epochs_end_stops_both_after_that_epoch(tmp_path):
+    """SIGTERM to the second of two processes while the end of an epoch is evaluated (here a test split of 72,000
+    examples) stops both after that epoch, with its checkpoint, not somewhere in the next one."""
+    images = np.array(load_digits().images, dtype=np.float32)[:, None] / 16
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=images[:1438], x_test=np.tile(images[1438:], (200, 1, 1, 1)))
+    run, steps = tmp_path / "run", -(-1438 // 64)
+    last_step = run / "checkpoints" / f"step-{steps:010d}.safetensors"  # written at epoch 1's last step
+    procs = two_processes([*TRAIN, "--epochs", "3", "--data", data, "--set", f"train.checkpoint_every={steps}",
+                           "--out", run])  # fmt: skip
+    # Both processes agreed on the signals at that step before the file was written; the test split takes far longer
+    # than 5 ms to evaluate.
+    assert wait_for(procs[1], last_step.exists), finish(procs[1])
+    time.sleep(0.005)
+    procs[1].send_signal(signal.SIGTERM)
+    results = [finish(p) for p in procs]
+    assert [code for code, _, _ in results] == [143, 143], [err for _, _, err in results]
+    assert results[0][2] == (
+        f"vaekit: SIGTERM: training stopped after epoch 1 and saved {last_step}; continue with: vaekit train --resume"
+        f" {run}\n"
+    )
+    assert len(losses(run)) == 1 and checkpoints(run) == [last_step.name]
 
 
 def test_a_mistake_stops_every_process_with_one_line_each(uninterrupted):
