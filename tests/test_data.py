@@ -211,6 +211,21 @@ def test_npz_with_given_splits_keeps_them_and_their_labels(tmp_path):
         assert s.y.tolist() == arrays[f"y_{split}"].tolist()
 
 
+@pytest.mark.parametrize(
+    ("member", "labels", "said"),
+    [("y_train", np.arange(8), "must be 9 integer labels, got shape (8,) and dtype int64"),
+     ("y_test", np.zeros(4), "must be 4 integer labels, got shape (4,) and dtype float64")],
+)  # fmt: skip
+def test_npz_labels_that_do_not_fit_their_split_are_refused_naming_the_member(tmp_path, member, labels, said):
+    """Labels of the wrong count or of a non-integer type are refused in a message that names the file and member."""
+    arrays = {"x_train": np.zeros((9, 4), np.float32), "x_test": np.zeros((4, 4), np.float32), member: labels}
+    path = tmp_path / "split.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name=str(path)))
+    assert str(err.value) == f"{path}:{member} {said}"
+
+
 def test_npy_tabular_floats_stay_flat(tmp_path):
     """An (N, D) float .npy in [0, 1] loads as (N, D) with the same values, split between train and test."""
     rng = np.random.default_rng(7)
