@@ -6,6 +6,7 @@ score of each module with the listed equivalent mutants left out.
     python scripts/mutation.py --survivors      # again the mutants that survived the last run, after new tests
     python scripts/mutation.py --sample 60      # the same 60 mutants drawn from each core module: a score estimate
     python scripts/mutation.py --report         # the scores of the last run, running nothing
+    python scripts/mutation.py --heavy          # the mutants only heavy tests kill, each against its test
     python scripts/mutation.py --report --sample 60   # the estimate from that sample, running nothing
 
 mutmut keeps its results in mutants/ and a plain run tests only the mutants of functions that changed since.
@@ -16,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -67,6 +71,34 @@ def left_out() -> dict[str, str]:
     if not gpu:
         out.update(listed.get("device", {}))
     return out
+
+
+def heavy() -> dict[str, str]:
+    """The mutants that only tests left out of mutation runs (marked heavy) kill, each with its test."""
+    return tomllib.loads(EQUIVALENT.read_text()).get("heavy", {})
+
+
+def check_heavy() -> int:
+    """Apply each mutant listed as killed by a heavy test to a copy of the source and run that test, which must fail;
+    1 if one does not."""
+    failures = 0
+    for name, test in heavy().items():
+        shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(ROOT / "src", Path(tmp) / "src")
+            code = None
+            patch = ["patch", "-p0", "-s", "-d", tmp]
+            if not shown.returncode and not subprocess.run(patch, input=shown.stdout, text=True).returncode:
+                env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
+                pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+                code = subprocess.run(pytest, cwd=ROOT, env=env, capture_output=True).returncode
+        # pytest exits 1 when a test fails; any other code is no verdict (no such test, an error in the run).
+        verdict = {1: "killed", 0: "SURVIVED", None: "not checked (no such mutant)"}.get(
+            code, f"not checked (pytest exit {code})"
+        )
+        print(f"{verdict}: {name} by {test}")
+        failures += verdict != "killed"
+    return 1 if failures else 0
 
 
 def results(files: list[str]) -> dict[str, dict[str, int | None]]:
@@ -130,7 +162,7 @@ def report(files: list[str], sample: int | None = None) -> int:
     """Print each module's score and its surviving mutants; 1 if a module is below 90% or not run. With a sample size,
     a module not run in full is scored on its drawn sample alone, so that the estimate is not skewed by the functions
     that happened to be run in full."""
-    equivalent = left_out()
+    equivalent, by_heavy_test = left_out(), heavy()
     worst = 1.0
     print(
         f"{'module':28} {'mutants':>7} {'killed':>6} {'equiv':>5} {'survived':>8} {'untested':>8} {'score':>6}"
@@ -145,7 +177,7 @@ def report(files: list[str], sample: int | None = None) -> int:
         for name, code in codes.items():
             if name in equivalent:
                 count["equiv"] += 1
-            elif code in KILLED:
+            elif code in KILLED or name in by_heavy_test:
                 count["killed"] += 1
             elif code is None:
                 count["untested"] += 1
@@ -166,9 +198,9 @@ def report(files: list[str], sample: int | None = None) -> int:
         )
         for name in survivors:
             print(f"    survived: {name}")
-    stale = sorted(set(equivalent) - {n for c in results(core_files()).values() for n in c})
+    stale = sorted((set(equivalent) | set(by_heavy_test)) - {n for c in results(core_files()).values() for n in c})
     for name in stale:
-        print(f"listed as equivalent but no longer a mutant: {name}")
+        print(f"listed in {EQUIVALENT.name} but no longer a mutant: {name}")
     return 0 if worst >= 0.9 and not stale else 1
 
 
@@ -181,8 +213,13 @@ def main() -> int:
         "--sample", type=int, metavar="N", help="run the N mutants drawn from each module not yet run; score the sample"
     )
     parser.add_argument("--report", action="store_true", help="print the last run's scores without running")
+    parser.add_argument(
+        "--heavy", action="store_true", help="check the mutants listed as killed by heavy tests against their tests"
+    )
     parser.add_argument("--max-children", type=int, help="parallel workers (default: one per CPU)")
     args = parser.parse_args()
+    if args.heavy:
+        return check_heavy()
     files = changed(args.changed) if args.changed else core_files()
     if not files:
         print("no core module changed")
