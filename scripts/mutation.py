@@ -113,8 +113,6 @@ def results(files: list[str]) -> dict[str, dict[str, int | None]]:
 def generate() -> None:
     """Make every core module's mutants and mutmut's map of which tests call which function, running no mutant: what
     a plain `mutmut run` does before its first mutant, so that a sample can be drawn without a full run first."""
-    import os
-
     # mutmut 3.8's own steps (mutmut.__main__._run), which it offers no command for.
     from mutmut.__main__ import (
         collect_or_load_stats,
@@ -231,7 +229,7 @@ def main() -> int:
             done = results(files)
         names = [n for f, codes in done.items() for n in drawn(f, list(codes), args.sample) if codes[n] is None]
     elif args.survivors:
-        done, skip = results(files), left_out()
+        done, skip = results(files), left_out() | heavy()
         names = [n for codes in done.values() for n, c in codes.items() if c not in KILLED | {None} and n not in skip]
     else:
         # Named mutants are run again whatever their last result; with no names mutmut runs the untested ones.
