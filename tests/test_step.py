@@ -11,6 +11,7 @@ import subprocess
 import sys
 import unittest.mock
 
+import conftest
 import pytest
 import torch
 from test_resume import DIVERGES, _with_train_x, assert_same_run, quiet
@@ -131,6 +132,21 @@ def test_bf16_runs_the_networks_in_bfloat16_and_the_elbo_in_float32(digits):
     assert 0 < rel < 0.02, rel  # bfloat16 has 8 significant bits: the results differ, but not by much
 
 
+@pytest.mark.parametrize("device", conftest.DEVICES)
+def test_a_bf16_step_runs_the_networks_in_bfloat16_on_every_device(device):
+    """train.precision = bf16 makes a step run the encoder and decoder in bfloat16 wherever it trains, not in
+    autocast's own default (float16 on a GPU), and still sum the loss in float32."""
+    cfg = make_config("digits", overrides={"train.precision": "bf16", "train.compile": "off"})
+    model = VAE((1, 8, 8), cfg.model).to(device)
+    optimizer, _ = make_optimizer(cfg.train, model, torch.device(device))
+    step = Step(cfg, model, optimizer, steps=10, say=lambda line: None)
+    seen = []
+    for net in (model.encoder, model.decoder):
+        net.register_forward_hook(lambda m, i, out: seen.append(out[0].dtype if isinstance(out, tuple) else out.dtype))
+    loss, made = step(torch.rand(64, 1, 8, 8, device=device), 1.0)
+    assert seen == [torch.bfloat16, torch.bfloat16] and loss.dtype == torch.float32 and bool(made)
+
+
 def test_bf16_training_reaches_the_float32_loss(digits, tmp_path):
     """train.precision = bf16 trains the digits model to within 2% of the float32 test loss."""
     losses = {}
@@ -153,7 +169,8 @@ def test_precision_is_part_of_a_runs_identity_and_compile_is_not(digits, tmp_pat
 
 
 def test_compile_reasons():
-    """train.compile = auto compiles runs of 50,000 steps or more; warm-up and MPS fall back to eager, saying why."""
+    """train.compile = auto compiles runs of 50,000 steps or more; warm-up, MPS and several processes fall back to
+    eager, saying why."""
     cfg = make_config("digits")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert "50000 steps or more, and this one has 49999" in compile_reason(cfg, cpu, 49_999)
@@ -163,7 +180,12 @@ def test_compile_reasons():
     assert "off" in compile_reason(make_config("digits", overrides={"train.compile": "off"}), cuda, 10**6)
     warm = make_config("digits", overrides={"train.compile": "on", "train.warmup": 2})
     assert "warm-up" in compile_reason(warm, cpu, 10**6)
-    assert "MPS" in compile_reason(make_config("digits", overrides={"train.compile": "on"}), torch.device("mps"), 1)
+    on = make_config("digits", overrides={"train.compile": "on"})
+    assert compile_reason(on, torch.device("mps"), 1) == "torch.compile does not support MPS"
+    assert compile_reason(on, cpu, 10**6, processes=2) == (
+        "each of several processes computes a share of every batch whose size varies from batch to batch"
+    )
+    assert compile_reason(on, cpu, 10**6, processes=1) == ""
 
 
 DEVICES = [
