@@ -149,3 +149,16 @@ def test_common_noise_is_shared_by_both_layers_of_a_two_layer_model():
     torch.testing.assert_close(together[:, 0], together[:, 2])
     torch.testing.assert_close(alone[:, 0], together[:, 0])
     assert (apart[:, 0] != apart[:, 2]).all()
+
+
+def test_unknown_activation_and_likelihood_names_are_refused_listing_the_known_ones():
+    """A model config naming an activation or likelihood vaekit does not have is a VaekitError that lists those it
+    has, not a KeyError."""
+    from vaekit.errors import VaekitError
+
+    with pytest.raises(VaekitError) as err:
+        VAE((4,), ModelConfig(activation="swish"))
+    assert str(err.value) == "unknown activation 'swish' (allowed: relu, tanh, elu, gelu, silu, leaky_relu, softplus)"
+    with pytest.raises(VaekitError) as err:
+        VAE((4,), ModelConfig(likelihood="poisson"))
+    assert str(err.value) == "unknown likelihood 'poisson' (allowed: bernoulli, gaussian, logistic-mixture)"
