@@ -256,6 +256,32 @@ def test_npy_channels_last_images_move_channels_first(tmp_path):
     assert x[:, 2].unique().tolist() == pytest.approx([250 / 255])
 
 
+@pytest.mark.parametrize(("shape", "expected"), [((5, 6, 7, 1), (1, 6, 7)), ((5, 4, 6, 3), (3, 4, 6))])
+def test_channels_last_grey_and_rgb_images_of_any_height_move_channels_first(tmp_path, shape, expected):
+    """Channels-last images move their channels first whether grey (one channel) or RGB, and whatever their height
+    (4 here, a channel count some formats use)."""
+    a = (np.arange(np.prod(shape)) % 256).astype(np.uint8).reshape(shape)
+    path = tmp_path / "images.npy"
+    np.save(path, a)
+    data = load_data(DataConfig(name=str(path), test_fraction=0.4))
+    assert data.shape == expected
+    x, _ = _combined(data)
+    moved = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255
+    # The splits shuffle the examples; each one's first value tells them apart.
+    x, moved = (t[t.flatten(1)[:, 0].argsort()] for t in (x, moved))
+    torch.testing.assert_close(x, moved, rtol=0, atol=1e-7)
+
+
+def test_an_archive_that_cannot_be_unpacked_is_refused_by_name(tmp_path):
+    """A downloaded data set's archive that is not gzip is refused in a message that names it, before any download."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(VaekitError) as err:
+        load_data(DataConfig(name="mnist", root=str(tmp_path), download=False))
+    assert str(err.value).startswith(f"cannot unpack {raw / 'train-images-idx3-ubyte.gz'}: ")
+
+
 def _nan_array() -> np.ndarray:
     a = np.full((10, 4), 0.5)
     a[3, 2] = np.nan
