@@ -679,3 +679,142 @@ def test_rows_code_with_a_model_of_rows_and_the_standard_codecs_are_in_bits_per_
     codecs = vaekit.compress(grey, DIGITS[:200] * 15, tmp_path / "grey.vkz", report=True)["codecs"]
     assert set(codecs) == {"gzip -9", "bzip2 -9", "xz -9e (LZMA)", "PNG (optimised)"}
     assert all(0.5 < rate < 8 for rate in codecs.values()), codecs
+
+
+def _small_file(tmp_path: Path) -> tuple[Path, Path]:
+    """An untrained Bernoulli run of 8x8 images and a .vkz file of 20 black-and-white digits it compressed."""
+    run = _untrained(tmp_path / "run", (1, 8, 8), "bernoulli")
+    vaekit.compress(run, DIGITS[:20] >= 8, tmp_path / "small.vkz")
+    return run, tmp_path / "small.vkz"
+
+
+def test_a_bad_seed_skipped_field_is_refused_naming_the_seed(tmp_path):
+    """A header whose seed_skipped is below 0 is refused with a message naming the seed and its allowed range."""
+    run, good = _small_file(tmp_path)
+    seed = compression.read_file(good)[0]["codec"]["seed_words"]
+    crafted = _resigned(good, tmp_path / "crafted.vkz", _edit(codec={"seed_skipped": -1}))
+    with pytest.raises(vaekit.VaekitError) as refused:
+        vaekit.decompress(crafted, run, tmp_path / "out.npy")
+    assert str(refused.value) == (
+        f"{crafted} has an invalid header: the seed must be an integer from 0 to {seed}, got -1"
+    )
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_seed_sizes_of_zero_and_one_word_are_refused_each_with_its_reason(tmp_path):
+    """A seed of 0 words is not a seed size (1 or more); a seed of 1 word is one, but not this model's."""
+    run, good = _small_file(tmp_path)
+    says = {0: "the seed size must be an integer from 1 to 1073741824, got 0",
+            1: "the codec settings do not fit this model"}  # fmt: skip
+    for words, reason in says.items():
+        crafted = _resigned(good, tmp_path / "crafted.vkz", _edit(codec={"seed_words": words}))
+        with pytest.raises(vaekit.VaekitError) as refused:
+            vaekit.decompress(crafted, run)
+        assert str(refused.value) == f"{crafted} has an invalid header: {reason}", words
+
+
+def test_a_npy_file_of_values_the_model_cannot_code_is_named_in_the_error(tmp_path):
+    """Grey values in a .npy file given to a binary model are refused with a message that names the file."""
+    run = _untrained(tmp_path / "run", (1, 8, 8), "bernoulli")
+    path = tmp_path / "grey.npy"
+    np.save(path, (np.arange(4 * 64) % 3).reshape(4, 8, 8).astype(np.uint8))  # 0, 1 and 2
+    with pytest.raises(vaekit.VaekitError) as refused:
+        vaekit.compress(run, path, tmp_path / "x.vkz")
+    assert str(refused.value) == f"{path} holds values from 0 to 2; this model codes 0 or 1 (a binary model)"
+    assert not (tmp_path / "x.vkz").exists()
+
+
+def test_a_file_that_fails_its_data_checksum_on_the_same_machine_says_it_is_corrupt(tmp_path):
+    """Made here but decoding to data with another checksum, a file is reported as corrupt in so many words."""
+    run, good = _small_file(tmp_path)
+    crafted = _resigned(good, tmp_path / "crafted.vkz", _edit(data={"sha256": "0" * 64}))
+    with pytest.raises(vaekit.VaekitError) as refused:
+        vaekit.decompress(crafted, run, tmp_path / "out.npy")
+    assert str(refused.value) == (
+        f"{crafted} does not decode to the original data (the file is corrupt); nothing was written"
+    )
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_a_folder_file_naming_a_path_up_out_of_the_folder_writes_nothing(tmp_path):
+    """A folder's file whose names include ../ parts, with a data checksum that matches those names, is refused as
+    leading outside the folder, and no image is written anywhere."""
+    run = _untrained(tmp_path / "run", (1, 8, 8), "logistic-mixture")
+    source = tmp_path / "pngs"
+    source.mkdir()
+    for i, image in enumerate(DIGITS[:3] * 15):
+        Image.fromarray(image).save(source / f"{i}.png")
+    vaekit.compress(run, source, tmp_path / "folder.vkz")
+    pixels = (DIGITS[:3, None] * 15).astype(np.uint8)
+    for name in ("a/../../../escaped.png", "../escaped.png"):
+        names = [name, "1.png", "2.png"]
+        # The checksum the README describes: the dtype and shape, the values, and the names joined by NULs.
+        digest = hashlib.sha256(b"|u1(3, 1, 8, 8)" + pixels.tobytes() + "\0".join(names).encode()).hexdigest()
+        crafted = _resigned(tmp_path / "folder.vkz", tmp_path / "crafted.vkz",
+                            _edit(data={"names": names, "sha256": digest}))  # fmt: skip
+        out = tmp_path / "out" / "x"
+        with pytest.raises(vaekit.VaekitError) as refused:
+            vaekit.decompress(crafted, run, out)
+        assert str(refused.value) == (
+            f"{crafted} has an invalid header: the file name {name!r} leads outside the folder"
+        )
+        assert not list(tmp_path.rglob("escaped.png")) and not out.exists(), name
+
+
+def test_compress_reports_the_size_of_the_file_it_wrote(tmp_path):
+    """The bytes compress returns are the size of the .vkz file on disk, and its bits per dimension follow from it."""
+    run = _untrained(tmp_path / "run", (1, 8, 8), "bernoulli")
+    r = vaekit.compress(run, DIGITS[:20] >= 8, tmp_path / "x.vkz")
+    size = (tmp_path / "x.vkz").stat().st_size
+    assert r["bytes"] == size and r["bits_per_dim"] == 8 * size / (20 * 64)
+
+
+def test_a_model_with_tables_over_half_the_memory_bound_codes_one_example_per_step():
+    """A model whose one example's tables take more than half of TABLE_ELEMENTS codes one example per step (not
+    none, and not two); a slightly smaller one fits two."""
+    big = VAE((5_600_000,), ModelConfig(hidden=[1], latent=1, likelihood="bernoulli"))  # 3 boundaries per value
+    assert 2 * 3 * 5_500_000 <= codec.TABLE_ELEMENTS < 2 * 3 * 5_600_000
+    assert codec.step_limit(big) == 1 and codec.step_limit(big, 9) == 1
+    smaller = VAE((5_500_000,), ModelConfig(hidden=[1], latent=1, likelihood="bernoulli"))
+    assert codec.step_limit(smaller) == 2
+
+
+def test_the_first_coding_step_codes_a_single_example():
+    """The seed lends the first step only one example's latents: the first step codes one example, and the steps
+    grow only after it."""
+    model, levels, coded = _coded_digits(20)
+    assert coded.batches[0] == 1 and len(coded.batches) > 1 and sum(coded.batches) == 20
+    assert np.array_equal(codec.decode(model, coded)[0], levels)
+
+
+def test_a_seed_leaving_exactly_64_valid_bits_after_the_first_latents_is_enough(monkeypatch):
+    """A seed of 3 words leaves exactly 64 valid bits once a digit's latents are drawn at precision 15: coding goes
+    on and the message decodes; at precision 16 (fewer than 64 bits left) it is refused."""
+    import constriction
+
+    model, levels, _ = _coded_digits(1)
+    levels = (DIGITS[1:4, None] >= 8).astype(np.int64)
+    monkeypatch.setattr(codec, "seed_size", lambda latent, precision: 3)
+    left = {}
+    for precision in (15, 16):
+        coder = codec._Coder(model, precision)
+        ans = constriction.stream.stack.AnsCoder(codec.seed_words(3))
+        coder.buckets.pop(ans, coder.posterior(levels[:1]), (1, 2))
+        left[precision] = ans.num_valid_bits()
+    assert left[15] == 64 and left[16] < 64, left
+    coded, _ = codec.encode(model, levels, precision=15)
+    assert np.array_equal(codec.decode(model, coded)[0], levels)
+    with pytest.raises(vaekit.VaekitError, match="the seed of the bits-back chain ran out"):
+        codec.encode(model, levels, precision=16)
+
+
+def test_the_highest_latent_precision_codes_and_one_more_is_refused():
+    """Latents at MAX_PRECISION bits round-trip; one bit more is refused with the allowed range."""
+    model, levels, _ = _coded_digits(1)
+    levels = levels.repeat(3, 0)
+    coded, _ = codec.encode(model, levels, precision=codec.MAX_PRECISION)
+    assert coded.precision == codec.MAX_PRECISION
+    assert np.array_equal(codec.decode(model, coded)[0], levels)
+    with pytest.raises(vaekit.VaekitError, match=f"^the latent precision must be 2 to {codec.MAX_PRECISION} bits, "
+                       f"got {codec.MAX_PRECISION + 1}$"):  # fmt: skip
+        codec.encode(model, levels, precision=codec.MAX_PRECISION + 1)
