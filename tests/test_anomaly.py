@@ -510,3 +510,75 @@ def test_a_calibrated_report_gives_the_rates_at_its_threshold_and_folders_are_sc
     lines = (tmp_path / "scores.csv").read_text().splitlines()
     assert lines[0] == "file,score,anomalous"
     assert [line.split(",")[0] for line in lines[1:]] == ["0.png", "1.png", "2.png"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scoring_a_run_computes_its_scores_on_the_device_asked_for(eights, tmp_path, device):
+    """`score_run` with a device scores with the model on that device: its elbo scores are those of the model moved
+    there, whose posterior draws come from that device's generator."""
+    run = shutil.copytree(eights, tmp_path / "run")
+    anomaly.calibrate(run, score="elbo", k=5, device=device)
+    values, _, _ = anomaly.score_run(run, device=device)
+    opened = vaekit.open_run(run)
+    model = opened.model_on(pick_device(device))
+    assert torch.equal(values, anomaly.scores(model, opened.examples("test").x, "elbo", k=5))
+
+
+def test_a_one_class_run_calibrates_on_its_normal_classes_alone(eights, tmp_path):
+    """A run trained on chosen classes calibrates on the examples of those classes in its held-out split, not on the
+    other digits, which are its anomalies: the threshold is the one of the eights' scores."""
+    run = shutil.copytree(eights, tmp_path / "run")
+    calibration = anomaly.calibrate(run, split="test", score="recon", fpr=0.1, device="cpu")
+    opened = vaekit.open_run(run)
+    test = opened.examples("test")
+    normal = test.x[test.y == 8]
+    assert 0 < len(normal) < len(test.x)
+    assert calibration["normal_data"]["examples"] == len(normal)
+    assert calibration["threshold"] == anomaly.threshold_at(anomaly.scores(opened.model, normal, "recon"), 0.1)
+
+
+def test_the_latent_fit_is_the_covariance_of_draws_from_the_aggregate_posterior():
+    """The fitted Gaussian's covariance is that of z ~ q(z|x) over the training rows (the spread of the posterior
+    means plus their mean variance), as a Monte-Carlo estimate from 100,000 draws gives it within its error (a
+    standard deviation of about 0.004 here), and its precision is positive definite."""
+    torch.manual_seed(0)
+    model = vaekit.VAE((6,), vaekit.ModelConfig(hidden=[8], latent=3))
+    x = torch.rand(400, 6, generator=torch.Generator().manual_seed(1))
+    fit = anomaly.fit_latent(model, x)
+    with torch.no_grad():
+        mean, logvar = (t.double() for t in model.encode(x))
+    eps = torch.randn(250, *mean.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    draws = (mean + (0.5 * logvar).exp() * eps).reshape(-1, mean.shape[1])
+    assert torch.linalg.eigvalsh(fit.precision).min() > 0
+    torch.testing.assert_close(fit.mean, draws.mean(0), rtol=0, atol=0.02)
+    torch.testing.assert_close(torch.linalg.inv(fit.precision), torch.cov(draws.T, correction=0), rtol=0, atol=0.03)
+
+
+def test_fitting_a_detector_leaves_the_working_directory_alone(tmp_path, monkeypatch):
+    """The detector trains its VAE in a temporary folder: fitting it writes nothing where it is run from."""
+    monkeypatch.chdir(tmp_path)
+    AnomalyDetector("recon", 0.1, epochs=1, latent=2, hidden=(8,)).fit(_table(40))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_detector_refuses_images_with_a_missing_pixel_in_an_object_array():
+    """Images given as an object array with a missing value (None) are refused as NaN, as scikit-learn's checks
+    refuse them, rather than trained on."""
+    images = np.linspace(0.0, 1.0, 5 * 8 * 8).reshape(5, 8, 8).astype(object)
+    images[2, 3, 4] = None
+    with pytest.raises(ValueError, match=r"^Input contains NaN"):
+        AnomalyDetector("recon", epochs=1, latent=2, hidden=(8,)).fit(images)
+
+
+def test_detector_trains_with_the_digits_preset_and_says_so(tmp_path, capsys):
+    """The detector's VAE is configured from the digits preset with its own settings: the training it prints and
+    the configuration it saves name that preset."""
+    detector = AnomalyDetector("recon", 0.1, epochs=1, latent=2, hidden=(8,), verbose=True).fit(_table(40))
+    assert "(preset digits)" in capsys.readouterr().out
+    assert vaekit.load_config(detector.save(tmp_path / "detector").dir).preset == "digits"
+
+
+def test_detector_refuses_a_contamination_of_zero():
+    """contamination must lie in (0, 0.5], as in scikit-learn: zero is refused before anything is trained."""
+    with pytest.raises(ValueError, match=r"^contamination must be in \(0, 0\.5\], got 0$"):
+        AnomalyDetector("recon", 0, epochs=1, latent=2, hidden=(8,)).fit(_table(40))
