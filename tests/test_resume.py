@@ -621,6 +621,29 @@ def test_early_stopping_keeps_the_best_model(tmp_path, capsys):
         vaekit.resume(run.dir, epochs=400, verbose=False)
 
 
+def test_checkpoints_record_settings_added_since_0_1_0_only_where_they_differ_from_their_defaults(digits, tmp_path):
+    """A checkpoint's identity leaves out the settings 0.1.0 did not have while they keep their defaults, so that its
+    checkpoints still resume; a setting changed from its default is recorded (and must match on resume)."""
+    added = [("data", "classes"), ("data", "label_column"), ("data", "one_hot"), ("train", "precision")]
+    for name, overrides in (("default", {}), ("bf16", {"precision": "bf16"})):
+        run = vaekit.train("digits", tmp_path / name, epochs=1, **quiet(dataset=digits, **overrides))
+        newest = sorted((run.dir / "checkpoints").glob("step-*.safetensors"))[-1]
+        with safe_open(str(newest), framework="pt") as f:
+            settings = json.loads(f.metadata()["vaekit"])["identity"]["settings"]
+        recorded = [(section, key) for section, key in added if key in settings[section]]
+        assert recorded == ([] if name == "default" else [("train", "precision")])
+
+
+def test_a_validation_loss_that_only_ties_the_best_is_no_improvement(tmp_path, capsys):
+    """Early stopping waits for a lower validation loss, not an equal one: with a learning rate too small to change
+    any weight, every epoch ties the first, and patience 2 stops the run after epoch 3 with epoch 1 as the best."""
+    settings = {"data.validation": 200, "patience": 2, "lr": 1e-30, "epochs": 6}
+    run = vaekit.train("digits", tmp_path / "run", verbose=True, **settings)
+    valid = [r["valid_loss"] for r in run.metrics]
+    assert len(valid) == 3 and valid[0] == valid[1] == valid[2]
+    assert f"the best model, of epoch 1, is in {run.dir / 'best'}" in capsys.readouterr().out
+
+
 def test_patience_needs_a_validation_split(digits, tmp_path):
     """train.patience without data.validation is refused before a run directory is written."""
     with pytest.raises(vaekit.VaekitError, match="validation"):

@@ -4,6 +4,7 @@ import json
 import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,23 @@ def test_training_on_digits_beats_bound_and_baseline(digits, tmp_path):
     assert last < 26.0
     assert last < baseline - 0.7
     assert last < first - 4
+
+
+def test_a_run_records_its_data_and_reports_each_epoch_in_one_line(tmp_path, capsys):
+    """data.json says where the data came from (the file's path), their shape and each split's size; each epoch is
+    one line of its losses and seconds."""
+    path = tmp_path / "table.npy"
+    np.save(path, np.random.default_rng(0).random((50, 6)).astype(np.float32))
+    run = vaekit.train("table", tmp_path / "run", epochs=2, data=str(path), verbose=True)
+    record = json.loads((run.dir / "data.json").read_text())
+    assert {k: record[k] for k in ("source", "name", "shape")} == {"source": "config", "name": str(path), "shape": [6]}
+    assert {split: size for split, (size, _) in record["splits"].items()} == {"train": 40, "test": 10}
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines, 1):
+        assert re.fullmatch(
+            rf"epoch {epoch:3d}  train loss +\d+\.\d{{4}}  test loss +\d+\.\d{{4}}  \(\d+\.\d\d s\)", line
+        )
 
 
 def test_run_directory_and_metrics(digits, tmp_path):
