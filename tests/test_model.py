@@ -105,6 +105,14 @@ def test_every_custom_autograd_function_has_the_gradient_of_its_forward():
     assert torch.autograd.gradcheck(_BernoulliLogProb.apply, (logits, data))
 
 
+def test_the_mlp_decoder_mirrors_the_encoders_layers():
+    """An MLP with hidden [32, 16] encodes through 32 then 16 units and decodes through 16 then 32 to the data."""
+    model = VAE((20,), ModelConfig(hidden=[32, 16], latent=3))
+    encoder = [(m.in_features, m.out_features) for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    decoder = [(m.in_features, m.out_features) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert encoder[:2] == [(20, 32), (32, 16)] and decoder == [(3, 16), (16, 32), (32, 20)]
+
+
 def test_the_conv_decoder_mirrors_the_encoders_dense_layers():
     """A conv net with dense layers [32, 16] encodes through 32 then 16 units and decodes through 16 then 32."""
     model = VAE((1, 8, 8), ModelConfig(net="conv", channels=[4], hidden=[32, 16], latent=2))
