@@ -688,17 +688,22 @@ def _small_file(tmp_path: Path) -> tuple[Path, Path]:
     return run, tmp_path / "small.vkz"
 
 
+def _refusal(run: Path, crafted: Path, out: Path) -> str:
+    """The error that decoding crafted with run gives; nothing is written to out."""
+    with pytest.raises(vaekit.VaekitError) as refused:
+        vaekit.decompress(crafted, run, out)
+    assert not out.exists()
+    return str(refused.value)
+
+
 def test_a_bad_seed_skipped_field_is_refused_naming_the_seed(tmp_path):
     """A header whose seed_skipped is below 0 is refused with a message naming the seed and its allowed range."""
     run, good = _small_file(tmp_path)
     seed = compression.read_file(good)[0]["codec"]["seed_words"]
     crafted = _resigned(good, tmp_path / "crafted.vkz", _edit(codec={"seed_skipped": -1}))
-    with pytest.raises(vaekit.VaekitError) as refused:
-        vaekit.decompress(crafted, run, tmp_path / "out.npy")
-    assert str(refused.value) == (
+    assert _refusal(run, crafted, tmp_path / "out.npy") == (
         f"{crafted} has an invalid header: the seed must be an integer from 0 to {seed}, got -1"
     )
-    assert not (tmp_path / "out.npy").exists()
 
 
 def test_seed_sizes_of_zero_and_one_word_are_refused_each_with_its_reason(tmp_path):
@@ -728,12 +733,9 @@ def test_a_file_that_fails_its_data_checksum_on_the_same_machine_says_it_is_corr
     """Made here but decoding to data with another checksum, a file is reported as corrupt in so many words."""
     run, good = _small_file(tmp_path)
     crafted = _resigned(good, tmp_path / "crafted.vkz", _edit(data={"sha256": "0" * 64}))
-    with pytest.raises(vaekit.VaekitError) as refused:
-        vaekit.decompress(crafted, run, tmp_path / "out.npy")
-    assert str(refused.value) == (
+    assert _refusal(run, crafted, tmp_path / "out.npy") == (
         f"{crafted} does not decode to the original data (the file is corrupt); nothing was written"
     )
-    assert not (tmp_path / "out.npy").exists()
 
 
 def test_a_folder_file_naming_a_path_up_out_of_the_folder_writes_nothing(tmp_path):
