@@ -6,8 +6,8 @@ score of each module with the listed equivalent mutants left out.
     python scripts/mutation.py --survivors      # again the mutants that survived the last run, after new tests
     python scripts/mutation.py --sample 60      # the same 60 mutants drawn from each core module: a score estimate
     python scripts/mutation.py --report         # the scores of the last run, running nothing
-    python scripts/mutation.py --heavy          # the mutants only heavy tests kill, each against its test
     python scripts/mutation.py --report --sample 60   # the estimate from that sample, running nothing
+    python scripts/mutation.py --heavy          # the mutants only heavy tests kill, each against its test
 
 mutmut keeps its results in mutants/ and a plain run tests only the mutants of functions that changed since.
 """
@@ -86,10 +86,10 @@ def check_heavy() -> int:
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
         return subprocess.run(pytest, cwd=ROOT, env=env, capture_output=True).returncode
 
-    known = {name for codes in results(core_files()).values() for name in codes}
-    clean = {test: run(test, "") for test in set(heavy().values())}
+    listed, known = heavy(), {name for codes in results(core_files()).values() for name in codes}
+    clean = {test: run(test, "") for test in set(listed.values())}
     failures = 0
-    for name, test in heavy().items():
+    for name, test in listed.items():
         if name not in known:
             verdict = "not checked (no such mutant in mutants/)"
         elif clean[test]:
